@@ -1,0 +1,38 @@
+# Every target sets itself up on first use: a venv in .venv with the CPU build of torch installed first.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+THREADS := OMP_NUM_THREADS=2 OPENBLAS_NUM_THREADS=2 MKL_NUM_THREADS=2 TOKENIZERS_PARALLELISM=false
+
+.PHONY: setup run test test-slow lint bench tables clean
+
+$(STAMP): pyproject.toml
+	test -d $(VENV) || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+run: $(STAMP)  ## the default experiment: full cache, stories260k, TinyStories perplexity
+	$(THREADS) $(BIN)/python run.py $(ARGS)
+
+test: $(STAMP)  ## the default suite (CPU, under 15 minutes on 2 cores)
+	$(THREADS) TRITON_INTERPRET=1 $(BIN)/python -m pytest -q $(ARGS)
+
+test-slow: $(STAMP)  ## slow tests: experiment scale=cpu variants, long equivalence sweeps
+	$(THREADS) TRITON_INTERPRET=1 $(BIN)/python -m pytest -q -m slow $(ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check kvx scripts tests run.py
+
+bench: $(STAMP)
+	$(THREADS) $(BIN)/python scripts/bench.py $(ARGS)
+
+tables: $(STAMP)
+	$(THREADS) $(BIN)/python scripts/aggregate.py $(ARGS)
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -1,0 +1,3 @@
+"""kvx: KV-cache compression for LLM inference."""
+
+__version__ = "0.1.0"

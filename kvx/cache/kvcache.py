@@ -1,0 +1,168 @@
+"""KVXCache: a transformers Cache whose layers hold a kvx store and a method's policy.
+
+The model's attention layers call `cache.update(k, v, layer_idx)`, which here only hands the new keys and values
+through: the kvx attention function (registered by the engine) then asks the layer to attend, append and evict.
+The cache reports tokens seen from `get_seq_length()` (so positions keep counting under eviction) and
+`(stored + q, seen - stored)` from `get_mask_sizes(q)`.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from kvx.cache.dense import IndexStore
+from kvx.kernels import reference
+
+
+class KVXLayer(CacheLayerMixin):
+    is_compileable = False
+    is_sliding = False
+
+    def __init__(self, cache: KVXCache, layer_idx: int, store, policy):
+        super().__init__()
+        self.cache = cache
+        self.layer_idx = layer_idx
+        self.store = store
+        self.policy = policy
+        self.is_initialized = True
+
+    # transformers Cache-layer protocol -------------------------------------------------------------------------
+    def lazy_initialization(self, key_states, value_states) -> None:
+        pass
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        return key_states, value_states
+
+    def get_seq_length(self) -> int:
+        return self.cache.get_seq_length()
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        n = self.store.n
+        return n + query_length, max(0, self.cache.get_seq_length() - n)
+
+    def get_max_length(self) -> int:
+        return -1
+
+    # kvx ---------------------------------------------------------------------------------------------------------
+    def attend(self, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, scaling: float) -> torch.Tensor:
+        """q [B, Hq, t, D]; k_new, v_new [B, Hkv, t, D] (after RoPE). Returns [B, Hq, t, D]."""
+        if self.cache.mode == "masked":
+            return self.masked_attend(q, k_new, v_new, scaling)
+        B, Hkv, t, _ = k_new.shape
+        qpos = self.cache.step_pos  # [B, t]
+        pos_new = qpos[:, None, :].expand(B, Hkv, t)
+        policy, store = self.policy, self.store
+        if policy is not None:
+            policy.before_attend(store, t)
+        want = policy is not None and policy.needs_probs
+        out, probs = store.attend(q, k_new, v_new, pos_new, qpos, scaling, return_probs=want)
+        self.cache.note_bytes(self.layer_idx, store, extra=t * (k_new[0, 0, 0].numel() * 2) * B * Hkv * k_new.element_size())
+        if policy is not None:
+            policy.observe(store, q, probs)
+        store.append(k_new, v_new, pos_new)
+        if policy is not None:
+            policy.on_append(store, t)
+        self.cache.note_bytes(self.layer_idx, store)
+        return out
+
+    def masked_attend(self, q, k, v, scaling):
+        """One parallel attention over a whole window with the mask the policy would have produced."""
+        B, Hq, T, D = q.shape
+        Hkv = k.shape[1]
+        g = Hq // Hkv
+        qpos = self.cache.step_pos  # [B, T]
+        policy = self.policy
+        if policy is None:
+            pos = qpos[:, None, :].expand(B, Hkv, T)
+            allowed = reference.allowed_mask(pos, qpos)
+            self.cache.masked_peak[self.layer_idx] = T
+            return self.store.masked_attention(q, k, v, allowed, scaling, None)
+        istore = IndexStore(k, qpos, bytes_per_token=2 * D * k.element_size())
+        allowed = torch.zeros(B, Hkv, 1, T, T, dtype=torch.bool, device=q.device)
+        logits = None
+        if policy.needs_probs:
+            logits = torch.matmul(q.view(B, Hkv, g, T, D), k[:, :, None].transpose(-1, -2)) * scaling
+        peak = 0
+        for i in range(T):
+            policy.before_attend(istore, 1)
+            slots = torch.cat([istore.idx, torch.full((B, Hkv, 1), i, device=q.device, dtype=torch.long)], dim=2)
+            spos = torch.cat([istore.pos, qpos[:, None, i : i + 1].expand(B, Hkv, 1).to(torch.int32)], dim=2)
+            qp = qpos[:, i][:, None, None]
+            ok = ((spos >= 0) & (spos <= qp)) | (qp < 0)
+            allowed[:, :, 0, i].scatter_(-1, slots, ok)
+            peak = max(peak, slots.shape[-1])
+            probs = None
+            if logits is not None:
+                lg = logits[:, :, :, i, :].gather(-1, slots[:, :, None, :].expand(B, Hkv, g, slots.shape[-1]))
+                lg = lg.masked_fill(~ok[:, :, None], float("-inf"))
+                probs = torch.softmax(lg.float(), dim=-1).to(q.dtype).reshape(B, Hq, 1, -1)
+            policy.observe(istore, q[:, :, i : i + 1], probs)
+            istore.append_index(i, 1)
+            policy.on_append(istore, 1)
+            policy.end_step(istore)
+        self.cache.masked_peak[self.layer_idx] = peak
+        pos = qpos[:, None, :].expand(B, Hkv, T)
+        causal = reference.allowed_mask(pos, qpos)
+        evicted = causal & ~allowed
+        return self.store.masked_attention(q, k, v, allowed, scaling, evicted)
+
+
+class KVXCache(Cache):
+    """One KVXLayer per transformer layer; tracks tokens seen and the bytes held."""
+
+    def __init__(self, method, arch, batch_size: int, device, seq_len: int | None = None, mode: str = "stream"):
+        self.method = method
+        self.arch = arch
+        self.mode = mode
+        layers = [
+            KVXLayer(self, i, method.make_store(i, arch), method.make_policy(i, arch, seq_len))
+            for i in range(arch.n_layers)
+        ]
+        super().__init__(layers=layers)
+        self.device = torch.device(device)
+        self.seen = torch.zeros(batch_size, dtype=torch.long, device=self.device)
+        self.step_pos: torch.Tensor | None = None
+        self._bytes = [0] * arch.n_layers
+        self.peak_bytes = 0
+        self.masked_peak = [0] * arch.n_layers
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return int(self.seen.max().item()) if self.seen.numel() else 0
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
+        return self.layers[layer_idx].get_mask_sizes(query_length)
+
+    def get_query_offset(self, layer_idx: int = 0) -> int:
+        return self.get_seq_length()
+
+    # bookkeeping -------------------------------------------------------------------------------------------------
+    def note_bytes(self, layer_idx: int, store, extra: int = 0) -> None:
+        self._bytes[layer_idx] = store.nbytes()
+        total = sum(self._bytes) + extra
+        if total > self.peak_bytes:
+            self.peak_bytes = total
+
+    def nbytes(self) -> int:
+        """Bytes of the payload held now, summed over layers from the tensors themselves."""
+        return sum(layer.store.nbytes() for layer in self.layers)
+
+    def aux_nbytes(self) -> int:
+        return sum(layer.store.aux_nbytes() for layer in self.layers)
+
+    def lengths(self) -> list[int]:
+        return [layer.store.n for layer in self.layers]
+
+    def end_step(self, nll: torch.Tensor | None = None) -> None:
+        """Called by the engine after each forward; nll [B, t] of the tokens just appended (if the method asks)."""
+        for layer in self.layers:
+            if layer.policy is None:
+                continue
+            if nll is not None:
+                layer.policy.observe_token_nll(layer.store, nll)
+            layer.policy.end_step(layer.store)
+            self._bytes[layer.layer_idx] = layer.store.nbytes()
+
+    def masked_peak_bytes(self, batch_size: int) -> int:
+        a = self.arch
+        return sum(self.masked_peak) * batch_size * a.n_kv_heads * 2 * a.head_dim * a.dtype_bytes

@@ -1,0 +1,294 @@
+"""The engine: the one place that calls the model's forward.
+
+prefill (optionally in chunks), decode (greedy or sampled), loglikelihood and rolling loglikelihood, all through a
+KVXCache and the kvx attention function. The attention function is registered with transformers'
+AttentionInterface when an engine is built, and switched on only inside the engine's own forwards, so the same
+model object still runs plain transformers code (for example `model.generate`) outside them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+
+from kvx.cache.kvcache import KVXCache
+from kvx.errors import ConfigError, UnsupportedModelError
+from kvx.methods.base import ArchInfo, Method
+
+_ACTIVE: contextvars.ContextVar[KVXCache | None] = contextvars.ContextVar("kvx_active_cache", default=None)
+ATTN_NAME = "kvx"
+
+
+def kvx_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """transformers attention function: query [B, Hq, t, D], key/value [B, Hkv, t, D] (new tokens, after RoPE)."""
+    cache = _ACTIVE.get()
+    if cache is None:
+        raise RuntimeError("the kvx attention function was called outside a kvx engine forward")
+    if scaling is None:
+        scaling = query.shape[-1] ** -0.5
+    out = cache.layers[module.layer_idx].attend(query, key, value, scaling)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def arch_info(model) -> ArchInfo:
+    """Read the attention geometry of a causal LM; refuse architectures the engine cannot drive."""
+    cls = type(model).__name__
+    cfg = model.config
+    if not getattr(model, "_supports_attention_backend", False):
+        raise UnsupportedModelError(
+            f"model architecture {cls} ({cfg.model_type}) does not route attention through transformers' "
+            "AttentionInterface, so kvx cannot drive its cache. Supported: decoder-only models whose attention uses "
+            "the attention interface (Llama, Mistral, Qwen2, Gemma, Phi3, ...)."
+        )
+    text_cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    n_heads = getattr(text_cfg, "num_attention_heads", None)
+    n_layers = getattr(text_cfg, "num_hidden_layers", None)
+    if n_heads is None or n_layers is None:
+        raise UnsupportedModelError(f"model architecture {cls}: cannot read num_attention_heads/num_hidden_layers")
+    n_kv = getattr(text_cfg, "num_key_value_heads", None) or n_heads
+    head_dim = getattr(text_cfg, "head_dim", None) or text_cfg.hidden_size // n_heads
+    max_pos = getattr(text_cfg, "max_position_embeddings", None) or 2048
+    if getattr(text_cfg, "sliding_window", None) and getattr(text_cfg, "use_sliding_window", True) is not False:
+        if getattr(text_cfg, "layer_types", None) and any(t != "full_attention" for t in text_cfg.layer_types):
+            raise UnsupportedModelError(f"model architecture {cls}: sliding-window layers are not supported by kvx")
+    dtype = next(model.parameters()).dtype
+    return ArchInfo(n_layers, n_heads, n_kv, head_dim, max_pos, torch.finfo(dtype).bits // 8)
+
+
+@dataclass
+class Generation:
+    tokens: list[list[int]]
+    finished: list[bool]
+    cache: KVXCache | None = None
+    stats: dict = field(default_factory=dict)
+
+
+class Engine:
+    def __init__(self, model, tokenizer, method: Method, allow_beyond_context: bool = False):
+        AttentionInterface.register(ATTN_NAME, kvx_attention)
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.method = method
+        self.arch = arch_info(model)
+        method.check_arch(self.arch)
+        self.device = next(model.parameters()).device
+        self.allow_beyond_context = allow_beyond_context
+
+    # caches and forwards -----------------------------------------------------------------------------------------
+    def new_cache(self, batch_size: int, seq_len: int | None = None, mode: str = "stream") -> KVXCache:
+        if mode not in ("stream", "masked"):
+            raise ConfigError("task.mode", f"must be 'stream' or 'masked', got {mode!r}")
+        if mode == "masked" and not self.method.has_mask_form:
+            raise ConfigError(
+                "task.mode", f"method {self.method.name!r} has no mask form; use task.mode=stream"
+            )
+        cache = KVXCache(self.method, self.arch, batch_size, self.device, seq_len=seq_len, mode=mode)
+        cache.rope_offset = torch.zeros(batch_size, dtype=torch.long, device=self.device)
+        cache.last_logits = None
+        return cache
+
+    @contextlib.contextmanager
+    def _active(self, cache: KVXCache):
+        configs = {id(m.config): m.config for m in self.model.modules() if hasattr(m, "config")}
+        saved = {k: c._attn_implementation_internal for k, c in configs.items()}
+        token = _ACTIVE.set(cache)
+        try:
+            for c in configs.values():
+                c._attn_implementation_internal = ATTN_NAME
+            yield
+        finally:
+            for k, c in configs.items():
+                c._attn_implementation_internal = saved[k]
+            _ACTIVE.reset(token)
+
+    @torch.inference_mode()
+    def forward(self, cache: KVXCache, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
+        """Run t new tokens through the model and the cache. input_ids [B, t]; attention_mask [B, t] (0 = padding).
+
+        Returns logits [B, t, V] (fp32)."""
+        input_ids = input_ids.to(self.device)
+        B, t = input_ids.shape
+        real = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.to(self.device).bool()
+        pos = cache.seen[:, None] + real.long().cumsum(dim=1) - 1  # [B, t]
+        pos = torch.where(real, pos, torch.full_like(pos, -1))
+        rope = torch.where(real, pos - cache.rope_offset[:, None], torch.zeros_like(pos))
+        if not self.allow_beyond_context and t and int(rope.max()) >= self.arch.max_positions:
+            raise ConfigError(
+                "max_position_embeddings",
+                f"position {int(rope.max())} is beyond the model's context of {self.arch.max_positions} tokens "
+                "(max_position_embeddings); shorten the input or window",
+            )
+        cache.step_pos = pos
+        with self._active(cache):
+            out = self.model(input_ids=input_ids, position_ids=rope, cache=cache, use_cache=True)
+        logits = out.logits.float()
+        cache.seen += real.long().sum(dim=1)
+        nll = None
+        if self.method.needs_token_nll:
+            nll = self.token_nll(cache.last_logits, logits, input_ids)
+        cache.end_step(nll)
+        cache.last_logits = logits[:, -1]
+        return logits
+
+    @staticmethod
+    def token_nll(prev_logits: torch.Tensor | None, logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """-log p of each new token given what came before; [B, t]. The first token of a sequence gets 0."""
+        B, t = ids.shape
+        pred = logits[:, :-1]
+        if prev_logits is not None:
+            pred = torch.cat([prev_logits[:, None], pred], dim=1)
+        lp = torch.log_softmax(pred, dim=-1)
+        tgt = ids[:, -lp.shape[1] :] if t else ids
+        nll = -lp.gather(-1, tgt[..., None]).squeeze(-1)
+        if prev_logits is None:
+            nll = torch.cat([torch.zeros(B, 1, device=ids.device), nll], dim=1)
+        return nll
+
+    def prefill(self, cache, input_ids, attention_mask=None, chunk_size: int | None = None) -> torch.Tensor:
+        """Feed a prompt, in chunks of chunk_size tokens if given. Returns the logits of every prompt token."""
+        T = input_ids.shape[1]
+        step = T if not chunk_size else int(chunk_size)
+        outs = []
+        for s in range(0, T, step):
+            am = None if attention_mask is None else attention_mask[:, s : s + step]
+            outs.append(self.forward(cache, input_ids[:, s : s + step], am))
+        return torch.cat(outs, dim=1)
+
+    # decoding ----------------------------------------------------------------------------------------------------
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        max_new_tokens: int = 32,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        seed: int | None = None,
+        eos_token_id: int | list[int] | None = None,
+        stop_strings: list[str] | None = None,
+        chunk_size: int | None = None,
+        cache: KVXCache | None = None,
+        on_step=None,
+    ) -> Generation:
+        """Prefill the (left-padded) prompts, then decode token by token through the method's cache."""
+        B, T = input_ids.shape
+        if cache is None:
+            cache = self.new_cache(B, seq_len=T + max_new_tokens)
+        logits = self.prefill(cache, input_ids, attention_mask, chunk_size)[:, -1]
+        gen = torch.Generator(device="cpu")
+        if seed is not None:
+            gen.manual_seed(int(seed))
+        if eos_token_id is None:
+            eos_token_id = self.tokenizer.eos_token_id if self.tokenizer is not None else None
+        eos = set([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []))
+        tokens: list[list[int]] = [[] for _ in range(B)]
+        done = [False] * B
+        peak = cache.peak_bytes
+        for _ in range(max_new_tokens):
+            nxt = self._pick(logits, do_sample, temperature, top_p, top_k, gen)
+            for b in range(B):
+                if not done[b]:
+                    tokens[b].append(int(nxt[b]))
+                    if int(nxt[b]) in eos or self._hit_stop(tokens[b], stop_strings):
+                        done[b] = True
+            if all(done):
+                break
+            logits = self.forward(cache, nxt[:, None])[:, -1]
+            peak = max(peak, cache.peak_bytes)
+            if on_step is not None:
+                on_step(cache)
+        if stop_strings:
+            tokens = [self._trim_stop(tk, stop_strings) for tk in tokens]
+        return Generation(tokens, done, cache, {"cache_bytes_peak": peak})
+
+    @staticmethod
+    def _pick(logits, do_sample, temperature, top_p, top_k, gen) -> torch.Tensor:
+        if not do_sample or temperature <= 0:
+            return logits.argmax(dim=-1)
+        logits = logits.float().cpu() / temperature
+        if top_k and top_k > 0:
+            kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        if top_p < 1.0:
+            srt, idx = logits.sort(dim=-1, descending=True)
+            cum = srt.softmax(-1).cumsum(-1)
+            cut = cum - srt.softmax(-1) > top_p
+            srt = srt.masked_fill(cut, float("-inf"))
+            logits = torch.full_like(logits, float("-inf")).scatter(-1, idx, srt)
+        probs = logits.softmax(-1)
+        return torch.multinomial(probs, 1, generator=gen).squeeze(-1)
+
+    def _hit_stop(self, toks: list[int], stops: list[str] | None) -> bool:
+        if not stops or self.tokenizer is None:
+            return False
+        text = self.tokenizer.decode(toks[-16:], skip_special_tokens=True)
+        return any(s in text for s in stops)
+
+    def _trim_stop(self, toks: list[int], stops: list[str]) -> list[int]:
+        if self.tokenizer is None:
+            return toks
+        for i in range(1, len(toks) + 1):
+            text = self.tokenizer.decode(toks[:i], skip_special_tokens=True)
+            if any(s in text for s in stops):
+                return toks[: i - 1] if i > 1 else []
+        return toks
+
+    # scoring -----------------------------------------------------------------------------------------------------
+    def score_window(self, ids: torch.Tensor, mode: str = "stream", chunk_size: int | None = None) -> tuple[torch.Tensor, dict]:
+        """Per-token negative log-likelihood of ids[:, 1:] given the prefix, through the method's cache.
+
+        ids [B, T+1]. Returns nll [B, T] and stats (peak cache bytes)."""
+        inp, tgt = ids[:, :-1], ids[:, 1:].to(self.device)
+        B, T = inp.shape
+        cache = self.new_cache(B, seq_len=T, mode=mode)
+        if mode == "masked":
+            logits = self.forward(cache, inp)
+            peak = cache.masked_peak_bytes(B)
+        else:
+            step = T if (chunk_size is None and not self.method.compresses) else (chunk_size or 1)
+            logits = self.prefill(cache, inp, None, step)
+            peak = cache.peak_bytes
+        nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1), reduction="none").view(B, T)
+        return nll, {"cache_bytes_peak": peak, "cache_aux_bytes": cache.aux_nbytes()}
+
+    def loglikelihood(
+        self, context: list[int], continuation: list[int], mode: str = "stream", chunk_size: int | None = None
+    ) -> tuple[float, bool]:
+        """log p(continuation | context) and whether the continuation is the greedy one.
+
+        The context goes through the method's cache first (compressed as the method does); the continuation is then
+        scored in one step (stream) or the whole sequence in one masked forward (masked)."""
+        ids = torch.tensor([context + continuation], device=self.device)
+        n = len(continuation)
+        if mode == "masked":
+            cache = self.new_cache(1, seq_len=ids.shape[1], mode="masked")
+            logits = self.forward(cache, ids)[0, -n - 1 : -1]
+        else:
+            cache = self.new_cache(1, seq_len=ids.shape[1])
+            ctx_logits = self.prefill(cache, ids[:, : len(context)], None, chunk_size)
+            cont_logits = self.forward(cache, ids[:, len(context) :])
+            logits = torch.cat([ctx_logits[:, -1:], cont_logits[:, :-1]], dim=1)[0]
+        lp = torch.log_softmax(logits, dim=-1)
+        tgt = torch.tensor(continuation, device=self.device)
+        total = float(lp.gather(-1, tgt[:, None]).sum())
+        greedy = bool((lp.argmax(-1) == tgt).all())
+        return total, greedy
+
+    def loglikelihood_rolling(self, ids: list[int], window: int | None = None, mode: str = "stream") -> float:
+        """Sum of log p over a whole token sequence, in disjoint windows of at most the model's context."""
+        window = window or self.arch.max_positions
+        total = 0.0
+        # the first token is predicted from BOS-less context only by lm-eval's convention of a prefix token
+        prefix = [self.tokenizer.bos_token_id if self.tokenizer.bos_token_id is not None else self.tokenizer.eos_token_id]
+        seq = prefix + list(ids)
+        for s in range(0, len(seq) - 1, window):
+            chunk = seq[s : s + window + 1]
+            nll, _ = self.score_window(torch.tensor([chunk]), mode=mode)
+            total -= float(nll.sum())
+        return total

@@ -1,0 +1,166 @@
+"""The method interface: a method chooses each layer's storage and the policy that decides what it keeps.
+
+A method is a dataclass (its fields are the YAML fields of configs/method/<name>.yaml) registered by name.
+Most eviction methods only write a policy with a `score`; see kvx/methods/streaming_llm.py for the smallest one.
+
+Policy life cycle for one forward of t new tokens through one layer (stream mode):
+    before_attend(store, t)      may evict (lazy eviction: make room so that attention reads at most `budget`)
+    store.attend(...)            attention over stored + new tokens (probabilities only if `needs_probs`)
+    observe(store, q, probs)     accumulate scores; probs [B, Hq, t, n + t] (stored slots, then new tokens)
+    store.append(...)            the new tokens enter the store; the policy's slot scores grow with `on_append`
+and after the whole forward, once the engine knows the new tokens' losses:
+    observe_token_nll(store, nll) only if `needs_token_nll`; nll [B, t] of the tokens just appended
+    end_step(store)              may evict (after a prefill chunk longer than the budget)
+In masked mode the same calls run against an IndexStore, one token at a time, inside one parallel forward.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from kvx.cache.dense import DenseStore, Store
+from kvx.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class ArchInfo:
+    """What the engine knows of a model's attention."""
+
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    max_positions: int
+    dtype_bytes: int = 4
+
+    @property
+    def group(self) -> int:
+        return self.n_heads // self.n_kv_heads
+
+
+def resolve_tokens(value: int | float, field: str, seq_len: int | None, max_positions: int | None = None) -> int:
+    """An int is tokens; a float in (0, 1) is a fraction of the sequence length (rounded down, at least 1)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(field, f"must be an int (tokens) or a float in (0, 1) (fraction), got {value!r}")
+    if isinstance(value, float) and not value.is_integer():
+        if not 0.0 < value < 1.0:
+            raise ConfigError(field, f"a fraction must lie in (0, 1), got {value}")
+        ref = seq_len if seq_len is not None else max_positions
+        if ref is None:
+            raise ConfigError(field, "a fractional budget needs the sequence length")
+        return max(1, int(value * ref))
+    value = int(value)
+    if value <= 0:
+        raise ConfigError(field, f"must be > 0, got {value}")
+    return value
+
+
+class LayerPolicy:
+    """Per-layer, per-sequence-batch policy state. The default keeps everything."""
+
+    needs_probs: ClassVar[bool] = False
+
+    def before_attend(self, store: Store, t: int) -> None:
+        pass
+
+    def observe(self, store: Store, q: torch.Tensor, probs: torch.Tensor | None) -> None:
+        pass
+
+    def on_append(self, store: Store, t: int) -> None:
+        pass
+
+    def observe_token_nll(self, store: Store, nll: torch.Tensor) -> None:
+        pass
+
+    def end_step(self, store: Store) -> None:
+        pass
+
+
+class ScoredPolicy(LayerPolicy):
+    """A policy that keeps a score per stored slot and evicts to a budget.
+
+    Subclasses implement `select(store, m) -> idx [B, Hkv, m]`. Lazy eviction: before t < budget new tokens are
+    attended, the store is cut to budget - t so that no query reads more than `budget` tokens (its own included) and
+    the store never holds more than `budget` between steps. A prefill chunk longer than the budget is attended in
+    full and the store is cut to `budget` at the end of the step.
+    """
+
+    def __init__(self, budget: int):
+        self.budget = budget
+        self.scores: torch.Tensor | None = None  # [B, Hkv, n], aligned with the store's slots
+
+    def grow_scores(self, store: Store, t: int, fill: float = 0.0) -> None:
+        B, H = store.pos.shape[:2]
+        new = torch.full((B, H, t), fill, dtype=torch.float32, device=store.pos.device)
+        self.scores = new if self.scores is None else torch.cat([self.scores, new], dim=2)
+
+    def on_append(self, store: Store, t: int) -> None:
+        self.grow_scores(store, t)
+
+    def evict_to(self, store: Store, m: int) -> None:
+        if store.n <= m:
+            return
+        idx = self.select(store, m).sort(dim=-1).values
+        self.on_keep(store, idx)
+        store.keep(idx)
+
+    def on_keep(self, store: Store, idx: torch.Tensor) -> None:
+        if self.scores is not None:
+            self.scores = self.scores.gather(2, idx)
+
+    def before_attend(self, store: Store, t: int) -> None:
+        if t < self.budget and store.n + t > self.budget:
+            self.evict_to(store, self.budget - t)
+
+    def end_step(self, store: Store) -> None:
+        if store.n > self.budget:
+            self.evict_to(store, self.budget)
+
+    def select(self, store: Store, m: int) -> torch.Tensor:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+def recency_rank(pos: torch.Tensor) -> torch.Tensor:
+    """Rank of each slot by recency: 0 for the most recent real token; padding ranks last."""
+    key = torch.where(pos >= 0, pos, torch.iinfo(pos.dtype).min).to(torch.int64)
+    order = key.argsort(dim=-1, descending=True, stable=True)
+    return order.argsort(dim=-1)
+
+
+def select_top(scores: torch.Tensor, pos: torch.Tensor, m: int, forced: torch.Tensor | None = None) -> torch.Tensor:
+    """Indices [B, Hkv, m] of the m best slots: forced slots first, then the highest scores; padding last."""
+    s = scores.float().clone()
+    s = torch.where(pos >= 0, s, torch.finfo(torch.float32).min / 4)
+    if forced is not None:
+        s = torch.where(forced, torch.finfo(torch.float32).max / 4, s)
+    return s.topk(m, dim=-1).indices
+
+
+@dataclass
+class Method:
+    """Base of every method. Fields shared by all: `name`; compressing methods add `budget`."""
+
+    name: str = "full"
+
+    compresses: ClassVar[bool] = False  # whether the method ever drops or approximates anything
+    has_mask_form: ClassVar[bool] = True  # whether task.mode=masked is defined for it
+    needs_token_nll: ClassVar[bool] = False  # whether the engine must report each token's loss
+
+    def validate(self) -> None:
+        """Check the fields; raise ConfigError naming the field. Called before any model loads."""
+
+    def check_arch(self, arch: ArchInfo) -> None:
+        """Check fields against the model (e.g. a schedule needs the layer count)."""
+
+    def make_store(self, layer_idx: int, arch: ArchInfo) -> Store:
+        return DenseStore()
+
+    def make_policy(self, layer_idx: int, arch: ArchInfo, seq_len: int | None) -> LayerPolicy | None:
+        return None
+
+    def describe(self) -> dict:
+        return dataclasses.asdict(self)

@@ -240,10 +240,12 @@ class Engine:
         return toks
 
     # scoring -----------------------------------------------------------------------------------------------------
-    def score_window(self, ids: torch.Tensor, mode: str = "stream", chunk_size: int | None = None) -> tuple[torch.Tensor, dict]:
+    def score_window(
+        self, ids: torch.Tensor, mode: str = "stream", chunk_size: int | None = None, return_logits: bool = False
+    ) -> tuple[torch.Tensor, dict]:
         """Per-token negative log-likelihood of ids[:, 1:] given the prefix, through the method's cache.
 
-        ids [B, T+1]. Returns nll [B, T] and stats (peak cache bytes)."""
+        ids [B, T+1]. Returns nll [B, T] and stats (peak cache bytes; the logits [B, T, V] if asked)."""
         inp, tgt = ids[:, :-1], ids[:, 1:].to(self.device)
         B, T = inp.shape
         cache = self.new_cache(B, seq_len=T, mode=mode)
@@ -255,7 +257,10 @@ class Engine:
             logits = self.prefill(cache, inp, None, step)
             peak = cache.peak_bytes
         nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1), reduction="none").view(B, T)
-        return nll, {"cache_bytes_peak": peak, "cache_aux_bytes": cache.aux_nbytes()}
+        stats = {"cache_bytes_peak": peak, "cache_aux_bytes": cache.aux_nbytes()}
+        if return_logits:
+            stats["logits"] = logits
+        return nll, stats
 
     def loglikelihood(
         self, context: list[int], continuation: list[int], mode: str = "stream", chunk_size: int | None = None

@@ -73,6 +73,7 @@ def load_tokenizer(path: str, trust_remote_code: bool = False, revision: str | N
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.unk_token
     tok.padding_side = "left"
+    tok.model_max_length = 10**9  # the engine checks positions against the model's context itself
     return tok
 
 

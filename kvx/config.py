@@ -1,0 +1,104 @@
+"""Config validation: every field of model, method and task is checked against its dataclass before a model loads.
+
+Also registers the OmegaConf resolvers the YAML files use: `${kvx.assets:}` (the assets folder, from $KVX_ASSETS)
+and `${kvx.repo:}` (the repository root).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from kvx.errors import ConfigError
+from kvx.registry import METHODS, TASKS
+
+
+def register_resolvers() -> None:
+    from kvx.assets import REPO_ROOT, assets_dir
+
+    if not OmegaConf.has_resolver("kvx.assets"):
+        OmegaConf.register_new_resolver("kvx.assets", lambda: str(assets_dir(check=False)))
+    if not OmegaConf.has_resolver("kvx.repo"):
+        OmegaConf.register_new_resolver("kvx.repo", lambda: str(REPO_ROOT))
+
+
+register_resolvers()
+
+
+def _load_plugins() -> None:
+    import kvx.methods  # noqa: F401  (registers methods)
+    import kvx.tasks  # noqa: F401  (registers tasks)
+
+
+def build_dataclass(cls: type, values: dict[str, Any], group: str):
+    """Instantiate cls from a plain dict, naming the field on an unknown key or a wrong type."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in values:
+        if key not in names:
+            raise ConfigError(f"{group}.{key}", f"unknown field for {cls.__name__}; allowed: {', '.join(sorted(names))}")
+    try:
+        schema = OmegaConf.structured(cls)
+        merged = OmegaConf.merge(schema, values)
+        obj = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None) or getattr(e, "key", None) or "?"
+        raise ConfigError(f"{group}.{key}", str(e).splitlines()[0]) from e
+    return obj
+
+
+def _plain(node) -> dict:
+    if node is None:
+        return {}
+    if isinstance(node, DictConfig):
+        return OmegaConf.to_container(node, resolve=True)
+    return dict(node)
+
+
+def build_method(node):
+    _load_plugins()
+    values = _plain(node)
+    if "name" not in values:
+        raise ConfigError("method.name", f"missing; known methods: {', '.join(METHODS.names())}")
+    cls = METHODS.get(values["name"])
+    method = build_dataclass(cls, values, "method")
+    method.validate()
+    return method
+
+
+def build_task(node):
+    _load_plugins()
+    values = _plain(node)
+    if "type" not in values:
+        raise ConfigError("task.type", f"missing; known task types: {', '.join(TASKS.names())}")
+    cls = TASKS.get(values["type"])
+    task = build_dataclass(cls, values, "task")
+    task.validate()
+    return task
+
+
+def build_model_config(node):
+    from kvx.models import ModelConfig
+
+    cfg = build_dataclass(ModelConfig, _plain(node), "model")
+    cfg.validate()
+    return cfg
+
+
+SEMANTIC_KEYS = ("model", "method", "task", "seed", "kernels")
+
+
+def config_hash(cfg: DictConfig) -> str:
+    """Short hash of what determines a run's numbers (not where it is written or logged)."""
+    data = {k: OmegaConf.to_container(cfg[k], resolve=True) if isinstance(cfg.get(k), DictConfig) else cfg.get(k)
+            for k in SEMANTIC_KEYS if k in cfg}
+    # local asset locations differ between machines without changing the numbers
+    blob = json.dumps(data, sort_keys=True, default=str)
+    from kvx.assets import assets_dir
+
+    blob = blob.replace(str(assets_dir(check=False)), "${kvx.assets:}")
+    return hashlib.sha1(blob.encode()).hexdigest()[:10]

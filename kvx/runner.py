@@ -100,6 +100,10 @@ def run(cfg: DictConfig) -> RunResult:
     if task.mode == "masked" and not method.has_mask_form:
         raise ConfigError("task.mode", f"method {method.name!r} has no mask form; use task.mode=stream")
     from kvx import kernels
+    from kvx.assets import assets_dir
+
+    if str(assets_dir(check=False)) in json.dumps(OmegaConf.to_container(cfg, resolve=True), default=str):
+        assets_dir(check=True)  # the config reads the offline assets: name the setting if the folder is missing
 
     kernels.set_backend(str(cfg.get("kernels", "auto")))
     run_dir = run_dir_for(cfg, model_cfg.name, method.name, task.name)

@@ -143,7 +143,7 @@ class Engine:
         if prev_logits is not None:
             pred = torch.cat([prev_logits[:, None], pred], dim=1)
         lp = torch.log_softmax(pred, dim=-1)
-        tgt = ids[:, -lp.shape[1] :] if t else ids
+        tgt = ids[:, t - lp.shape[1] :]
         nll = -lp.gather(-1, tgt[..., None]).squeeze(-1)
         if prev_logits is None:
             nll = torch.cat([torch.zeros(B, 1, device=ids.device), nll], dim=1)

@@ -3,6 +3,12 @@
 Xiao et al., 2024, "Efficient Streaming Language Models with Attention Sinks" (ICLR 2024); the Λ-masking of
 Han et al., 2023 (LM-Infinite). The first `sink` tokens and the most recent ones are kept: `budget` counts every
 cached token, the current one included, so the recent window holds `budget - sink` tokens.
+
+`reindex: true` uses StreamingLLM's positions within the cache (Sec. 3.2 of the paper): before each forward the
+cache is cut to make room for the new tokens and the kept keys are re-rotated so that their rotary positions are
+contiguous, 0 .. n-1, and the new tokens continue from n (kvx/rope.py), so rotary positions never exceed the budget
+plus one chunk and the model can stream past its context. A query at in-cache position n then sees its keys at
+distances 1 .. n, whatever their token indices. That has no mask form: with `reindex` only task.mode=stream runs.
 """
 
 from __future__ import annotations
@@ -12,7 +18,8 @@ from dataclasses import dataclass
 import torch
 
 from kvx.errors import ConfigError
-from kvx.methods.base import ArchInfo, Method, ScoredPolicy, recency_rank, resolve_tokens, select_top
+from kvx.methods.base import ArchInfo, ScoredPolicy, recency_rank, select_top
+from kvx.methods.common import EvictionMethod
 from kvx.registry import METHODS
 
 
@@ -36,23 +43,56 @@ class SinkRecentPolicy(ScoredPolicy):
         score = -rank.float()
         return select_top(score, pos, m, forced=is_sink | recent)
 
+    def nbytes(self) -> int:
+        return 0
+
 
 @METHODS.register("streaming_llm")
 @dataclass
-class StreamingLLM(Method):
+class StreamingLLM(EvictionMethod):
     name: str = "streaming_llm"
-    budget: float = 64  # int: tokens per head; float in (0, 1): fraction of the sequence
     sink: int = 4
+    reindex: bool = False  # StreamingLLM's in-cache positions: re-rotate kept keys to 0..n-1 (stream mode only)
 
-    compresses = True
+    def __post_init__(self) -> None:
+        self._rotary = None
 
-    def validate(self) -> None:
-        resolve_tokens(self.budget, "method.budget", 1000)
-        if self.sink < 0:
-            raise ConfigError("method.sink", f"must be >= 0, got {self.sink}")
-        if isinstance(self.budget, int) or float(self.budget).is_integer():
-            if self.sink >= int(self.budget):
-                raise ConfigError("method.sink", f"must be smaller than method.budget={int(self.budget)}")
+    @property
+    def has_mask_form(self) -> bool:  # type: ignore[override]
+        return not self.reindex
 
-    def make_policy(self, layer_idx: int, arch: ArchInfo, seq_len: int | None):
-        return SinkRecentPolicy(resolve_tokens(self.budget, "method.budget", seq_len, arch.max_positions), self.sink)
+    def check_fields(self) -> None:
+        if isinstance(self.sink, bool) or not isinstance(self.sink, int) or self.sink < 0:
+            raise ConfigError("method.sink", f"must be an int >= 0, got {self.sink!r}")
+        if not isinstance(self.reindex, bool):
+            raise ConfigError("method.reindex", f"must be true or false, got {self.reindex!r}")
+
+    def reserved(self, total):
+        if total is not None and self.sink >= total:
+            raise ConfigError("method.sink", f"must be smaller than method.budget={total}")
+        return self.sink
+
+    def build_policy(self, layer_idx: int, budget: int, reserved: int, arch: ArchInfo) -> SinkRecentPolicy:
+        return SinkRecentPolicy(budget, self.sink)
+
+    # in-cache positions --------------------------------------------------------------------------------------------
+    def bind(self, engine) -> None:
+        if self.reindex:
+            from kvx.rope import find_rotary_embedding
+
+            self._rotary = find_rotary_embedding(engine.model)
+
+    def before_forward(self, engine, cache, t: int) -> None:
+        """With `reindex`: make room for t new tokens, then compact the rotary positions before they are assigned."""
+        if not self.reindex:
+            return
+        if cache.mode != "stream":
+            raise ConfigError("task.mode", "streaming_llm with reindex has no mask form; use task.mode=stream")
+        from kvx.rope import compact_positions, find_rotary_embedding
+
+        if self._rotary is None:
+            self._rotary = find_rotary_embedding(engine.model)
+        for layer in cache.layers:
+            if layer.policy is not None:
+                layer.policy.before_attend(layer.store, t)
+        compact_positions(cache, self._rotary)

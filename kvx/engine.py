@@ -94,7 +94,9 @@ class Engine:
 
     @contextlib.contextmanager
     def _active(self, cache: KVXCache):
-        configs = {id(m.config): m.config for m in self.model.modules() if hasattr(m, "config")}
+        configs = self.__dict__.get("_configs")
+        if configs is None:  # the model's config objects, collected once (walking the modules costs every step)
+            configs = self._configs = {id(m.config): m.config for m in self.model.modules() if hasattr(m, "config")}
         saved = {k: c._attn_implementation_internal for k, c in configs.items()}
         token = _ACTIVE.set(cache)
         try:

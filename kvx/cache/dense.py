@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from kvx.kernels import reference
+from kvx.kernels import reference, use_triton
 
 
 def _nbytes(*tensors: torch.Tensor | None) -> int:
@@ -57,6 +57,10 @@ class DenseStore(Store):
         self.v: torch.Tensor | None = None
         self.pos: torch.Tensor | None = None
         self.rpos: torch.Tensor | None = None
+        # decode fast paths (CPU): the `pos` tensor known to hold no padding slot, and attend's concatenation of
+        # stored + new tokens, reused by the append that follows it (one copy of the cache per step instead of two)
+        self._real_pos: torch.Tensor | None = None
+        self._pending: tuple | None = None
 
     @property
     def n(self) -> int:
@@ -80,15 +84,36 @@ class DenseStore(Store):
     def attend(self, q, k_new, v_new, pos_new, qpos, scaling, return_probs=False):
         """Attention of the new queries over stored + new tokens. Returns out [B, Hq, t, D], probs or None."""
         k, v, pos = self._cat(k_new, v_new, pos_new)
+        if self.k is not None:
+            self._pending = (self.k, self.v, self.pos, k_new, v_new, pos_new, k, v, pos)
+        if q.shape[2] == 1 and not return_probs:
+            if use_triton(q.device):
+                from kvx.kernels.decode import decode_attention
+
+                out, _ = decode_attention(q[:, :, 0], k, v, None, scaling, kpos=pos, qpos=qpos[:, 0])
+                return out[:, :, None], None
+            if self.pos is None or self._real_pos is self.pos:
+                # one query and no padding slot: stored tokens all precede it, so it may read every slot
+                # (attention without a mask is the same computation, without building one)
+                return reference.attention(q, k, v, None, None, scaling)
         return reference.attention(q, k, v, pos, qpos, scaling, return_probs=return_probs)
 
     def append(self, k_new, v_new, pos_new) -> None:
+        pending, self._pending = self._pending, None
+        real = self.pos is None or self._real_pos is self.pos
+        pos_in = pos_new
         pos_new = pos_new.to(torch.int32)
         if self.k is None:
             self.k, self.v, self.pos, self.rpos = k_new, v_new, pos_new, pos_new.clone()
         else:
-            self.k, self.v, self.pos = self._cat(k_new, v_new, pos_new)
+            if pending is not None and all(a is b for a, b in zip(
+                    pending[:6], (self.k, self.v, self.pos, k_new, v_new, pos_in))):
+                self.k, self.v, self.pos = pending[6:]
+            else:
+                self.k, self.v, self.pos = self._cat(k_new, v_new, pos_new)
             self.rpos = torch.cat([self.rpos, pos_new], dim=2)
+        real = real and pos_new.device.type == "cpu" and bool((pos_new >= 0).all())
+        self._real_pos = self.pos if real else None
 
     def keep(self, idx: torch.Tensor) -> dict:
         """Keep slots idx [B, Hkv, m] (any order; stored in increasing slot order). Returns the evicted tokens."""
@@ -102,7 +127,10 @@ class DenseStore(Store):
             drop_idx = drop_mask.nonzero(as_tuple=False)[:, 2].view(*self.pos.shape[:2], m_drop)
             evicted = self._gather(drop_idx)
         kept = self._gather(idx)
+        real = self._real_pos is self.pos
         self.k, self.v, self.pos, self.rpos = kept["k"], kept["v"], kept["pos"], kept["rpos"]
+        self._real_pos = self.pos if real else None
+        self._pending = None
         return evicted
 
     def _gather(self, idx: torch.Tensor) -> dict:

@@ -19,10 +19,14 @@ def set_backend(name: str) -> None:
     _BACKEND = name
 
 
+def backend() -> str:
+    """The backend set with `set_backend` (auto, ref or triton)."""
+    return _BACKEND
+
+
 def use_triton(device: torch.device | str) -> bool:
-    dev = torch.device(device)
     if _BACKEND == "ref":
         return False
     if _BACKEND == "triton":
         return True
-    return dev.type == "cuda"
+    return (device if isinstance(device, torch.device) else torch.device(device)).type == "cuda"

@@ -31,20 +31,22 @@ def attention(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Softmax attention of q over the slots it may read. Returns out [B, Hq, t, D] and probs [B, Hq, t, n].
 
-    `allowed` ([B, Hkv, 1 or g, t, n]) replaces the position rule when given (masked-mode evaluation).
+    `allowed` ([B, Hkv, 1 or g, t, n]) replaces the position rule when given (masked-mode evaluation); with neither
+    `allowed` nor `kpos`, every query reads every slot.
     """
     B, Hq, t, D = q.shape
     Hkv, n = k.shape[1], k.shape[2]
     g = Hq // Hkv
-    if allowed is None:
+    if allowed is None and kpos is not None:
         allowed = allowed_mask(kpos, qpos)
     if not return_probs:
-        mask = allowed.expand(B, Hkv, g, t, n).reshape(B, Hq, t, n)
+        mask = None if allowed is None else allowed.expand(B, Hkv, g, t, n).reshape(B, Hq, t, n)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling, enable_gqa=g > 1)
         return out, None
     qg = q.view(B, Hkv, g, t, D)
     logits = torch.matmul(qg, k[:, :, None].transpose(-1, -2)) * scaling  # [B, Hkv, g, t, n]
-    logits = logits.masked_fill(~allowed, float("-inf"))
+    if allowed is not None:
+        logits = logits.masked_fill(~allowed, float("-inf"))
     probs = torch.softmax(logits.float(), dim=-1).to(q.dtype)
     out = torch.matmul(probs, v[:, :, None])  # [B, Hkv, g, t, D]
     return out.reshape(B, Hq, t, D), probs.reshape(B, Hq, t, n)

@@ -127,7 +127,8 @@ class LongBench(Task):
     type: str = "longbench"
     name: str = "longbench"
     subtasks: list[str] = field(default_factory=lambda: list(ALL_SUBTASKS))
-    max_length: int | None = None  # prompt budget in tokens (LongBench's model2maxlen); default: what the context leaves
+    max_length: int | None = None  # prompt budget in tokens (LongBench's model2maxlen); null: what the context leaves
+    # (an explicit max_length is taken as is: methods that re-position tokens may stream inputs beyond the context)
     max_new_tokens: int | None = None  # cap on the official per-subtask generation length (null: official)
     chat_template: str = "auto"  # auto (the tokenizer's, if any) | none | tokenizer | llama2 | vicuna | xgen | internlm
     prompts_file: str | None = None  # default: the assets' longbench/dataset2prompt.json
@@ -270,7 +271,7 @@ class LongBench(Task):
         per_task: dict[str, list[tuple[float, int]]] = {}
         for s, base, max_gen, budget, row in ctx.progress(items, desc=f"{self.name} [{engine.method.name}]", total=total):
             ids, truncated = self.build_input(tok, row, prompts[base], s, budget, fmt)
-            if len(ids) + max_gen > max_pos and not engine.allow_beyond_context:
+            if self.max_length is None and len(ids) + max_gen > max_pos and not engine.allow_beyond_context:
                 keep = max(max_pos - max_gen, 2)  # the chat wrapper pushed past the context: cut the middle again
                 ids = ids[: keep // 2] + ids[len(ids) - (keep - keep // 2) :]
                 truncated = True

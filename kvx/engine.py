@@ -57,7 +57,8 @@ def arch_info(model) -> ArchInfo:
         if getattr(text_cfg, "layer_types", None) and any(t != "full_attention" for t in text_cfg.layer_types):
             raise UnsupportedModelError(f"model architecture {cls}: sliding-window layers are not supported by kvx")
     dtype = next(model.parameters()).dtype
-    return ArchInfo(n_layers, n_heads, n_kv, head_dim, max_pos, torch.finfo(dtype).bits // 8)
+    model_id = str(getattr(cfg, "_name_or_path", "") or "")
+    return ArchInfo(n_layers, n_heads, n_kv, head_dim, max_pos, torch.finfo(dtype).bits // 8, model_id)
 
 
 @dataclass

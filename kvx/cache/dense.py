@@ -41,6 +41,10 @@ class Store:
         """Bytes of bookkeeping held beside the payload (token indices)."""
         return _nbytes(getattr(self, "pos", None), getattr(self, "rpos", None))
 
+    def state_nbytes(self) -> int:
+        """Bytes held whatever the number of tokens (e.g. a low-rank state); included in nbytes()."""
+        return 0
+
     def masked_attention(self, q, k, v, allowed, scaling, evicted=None):
         """Masked-mode twin: one parallel attention over a whole window with the policy's mask.
 

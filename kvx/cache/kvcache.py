@@ -165,4 +165,5 @@ class KVXCache(Cache):
 
     def masked_peak_bytes(self, batch_size: int) -> int:
         a = self.arch
-        return sum(self.masked_peak) * batch_size * a.n_kv_heads * 2 * a.head_dim * a.dtype_bytes
+        tokens = sum(self.masked_peak) * batch_size * a.n_kv_heads * 2 * a.head_dim * a.dtype_bytes
+        return tokens + sum(layer.store.state_nbytes() for layer in self.layers)

@@ -2,6 +2,7 @@
 
 from kvx.methods import full, streaming_llm  # noqa: F401  (registration)
 from kvx.methods import h2o, scissorhands, sirllm, snapkv, tova  # noqa: F401  (registration)
+from kvx.methods import less  # noqa: F401  (registration)
 from kvx.methods import kivi, qaq, uniform  # noqa: F401  (registration)
 from kvx.methods.base import ArchInfo, LayerPolicy, Method, ScoredPolicy
 

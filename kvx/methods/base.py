@@ -36,6 +36,7 @@ class ArchInfo:
     head_dim: int
     max_positions: int
     dtype_bytes: int = 4
+    model_id: str = ""  # the model's name or path as loaded (lets trained per-model artifacts check their model)
 
     @property
     def group(self) -> int:

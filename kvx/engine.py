@@ -79,6 +79,7 @@ class Engine:
         method.check_arch(self.arch)
         self.device = next(model.parameters()).device
         self.allow_beyond_context = allow_beyond_context
+        method.bind(self)
 
     # caches and forwards -----------------------------------------------------------------------------------------
     def new_cache(self, batch_size: int, seq_len: int | None = None, mode: str = "stream") -> KVXCache:
@@ -116,6 +117,10 @@ class Engine:
         Returns logits [B, t, V] (fp32)."""
         input_ids = input_ids.to(self.device)
         B, t = input_ids.shape
+        limit = self.method.max_chunk(cache)
+        if limit is not None and t > limit:  # the method takes at most `limit` tokens per forward (a pot)
+            return self.prefill(cache, input_ids, attention_mask)
+        self.method.before_forward(self, cache, t)
         real = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.to(self.device).bool()
         pos = cache.seen[:, None] + real.long().cumsum(dim=1) - 1  # [B, t]
         pos = torch.where(real, pos, torch.full_like(pos, -1))
@@ -155,11 +160,15 @@ class Engine:
     def prefill(self, cache, input_ids, attention_mask=None, chunk_size: int | None = None) -> torch.Tensor:
         """Feed a prompt, in chunks of chunk_size tokens if given. Returns the logits of every prompt token."""
         T = input_ids.shape[1]
-        step = T if not chunk_size else int(chunk_size)
-        outs = []
-        for s in range(0, T, step):
+        outs, s = [], 0
+        while s < T:
+            step = T - s if not chunk_size else int(chunk_size)
+            limit = self.method.max_chunk(cache)  # a method may cap each forward (InfiniPot's pot)
+            if limit is not None:
+                step = min(step, limit)
             am = None if attention_mask is None else attention_mask[:, s : s + step]
             outs.append(self.forward(cache, input_ids[:, s : s + step], am))
+            s += step
         return torch.cat(outs, dim=1)
 
     # decoding ----------------------------------------------------------------------------------------------------

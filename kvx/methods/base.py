@@ -163,5 +163,16 @@ class Method:
     def make_policy(self, layer_idx: int, arch: ArchInfo, seq_len: int | None) -> LayerPolicy | None:
         return None
 
+    # engine hooks (no-ops by default; InfiniPot's pot uses them) -----------------------------------------------
+    def bind(self, engine) -> None:
+        """Called once by the engine that drives this method (its model and tokenizer are known then)."""
+
+    def max_chunk(self, cache) -> int | None:
+        """The most tokens the next forward through `cache` may carry (None: any); the engine splits longer inputs."""
+        return None
+
+    def before_forward(self, engine, cache, t: int) -> None:
+        """Called by the engine before each forward of t tokens through `cache` (e.g. to distill a full pot)."""
+
     def describe(self) -> dict:
         return dataclasses.asdict(self)

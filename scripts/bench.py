@@ -10,8 +10,9 @@ greedy tokens after a prompt of random token ids. Per run it records
     cache_peak       kvx: cache.peak_bytes (the most the cache held at any point, the step's new tokens included)
     peak_mem         growth of the process' memory during the run: CUDA max_memory_allocated, or on CPU the
                      peak resident set (VmHWM, reset through /proc/self/clear_refs before each run)
-After `warmup` untimed runs per system, `repeats` timed runs are interleaved across systems and the median of each
-quantity is kept. Ratios are always of numbers measured in this same run.
+After `warmup` untimed runs per system and grid point, `repeats` timed sweeps of the whole grid follow (systems
+interleaved within each point) and the median of each quantity over the sweeps is kept. Ratios are always of numbers
+measured in this same run.
 
 Writes <out_dir>/bench.md (the command on top), bench.json, time_per_token.png and cache_bytes.png.
 """
@@ -209,34 +210,41 @@ def measure(cfg: DictConfig) -> dict:
     for name in skipped:
         print(f"[bench] method {name!r} is not registered: skipped", flush=True)
     gen = torch.Generator().manual_seed(int(cfg.seed))
-    rows = []
-    t_start = time.perf_counter()
+    points = []  # (B, T, prompt ids)
     for B in grid.batch_sizes:
         for T in grid.contexts:
             if B * T > grid.max_tokens:
                 print(f"[bench] B={B} T={T}: above max_tokens={grid.max_tokens}, skipped", flush=True)
                 continue
-            ids = torch.randint(3, mcfg.vocab_size, (B, T), generator=gen).to(device)
+            points.append((B, T, torch.randint(3, mcfg.vocab_size, (B, T), generator=gen).to(device)))
 
-            def once(system, ids=ids):
-                if system == HF:
-                    return run_transformers(model, ids, grid.new_tokens, device)
-                return run_kvx(engines[system], ids, grid.new_tokens, grid.prefill_chunk, device)
+    def once(system, ids):
+        if system == HF:
+            return run_transformers(model, ids, grid.new_tokens, device)
+        return run_kvx(engines[system], ids, grid.new_tokens, grid.prefill_chunk, device)
 
+    t_start = time.perf_counter()
+    for _, _, ids in points:
+        for system in systems:
+            for _ in range(grid.warmup):
+                once(system, ids)
+    runs = {(B, T, s): [] for B, T, _ in points for s in systems}
+    # each repetition sweeps the whole grid, systems interleaved: a slow spell of the machine hits every system and
+    # every context alike instead of one point
+    for rep in range(grid.repeats):
+        for B, T, ids in points:
             for system in systems:
-                for _ in range(grid.warmup):
-                    once(system)
-            runs = {s: [] for s in systems}
-            for _ in range(grid.repeats):  # interleaved, so that drift hits every system alike
-                for system in systems:
-                    runs[system].append(once(system))
-            for system in systems:
-                row = {"system": system, "batch": B, "context": T}
-                row.update({k: median([r[k] for r in runs[system]]) for k in METRICS})
-                rows.append(row)
-                print(f"[bench] B={B:<2} T={T:<6} {system:<22} prefill {row['prefill_s']:8.3f} s   "
-                      f"decode {1e3 * row['decode_s_tok']:8.2f} ms/step   {row['tok_s']:8.1f} tok/s   "
-                      f"cache {row['cache_bytes'] / 2**20:8.2f} MiB", flush=True)
+                runs[(B, T, system)].append(once(system, ids))
+        print(f"[bench] repetition {rep + 1}/{grid.repeats} done ({time.perf_counter() - t_start:.0f} s)", flush=True)
+    rows = []
+    for B, T, _ in points:
+        for system in systems:
+            row = {"system": system, "batch": B, "context": T}
+            row.update({k: median([r[k] for r in runs[(B, T, system)]]) for k in METRICS})
+            rows.append(row)
+            print(f"[bench] B={B:<2} T={T:<6} {system:<22} prefill {row['prefill_s']:8.3f} s   "
+                  f"decode {1e3 * row['decode_s_tok']:8.2f} ms/step   {row['tok_s']:8.1f} tok/s   "
+                  f"cache {row['cache_bytes'] / 2**20:8.2f} MiB", flush=True)
     env = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or "cpu"),
         "device_type": device.type, "torch": torch.__version__, "threads": torch.get_num_threads(),
@@ -336,7 +344,7 @@ def write_report(res: dict, rat: dict, out_dir: Path, command: str) -> None:
          f"/ {model['num_kv_heads']} KV heads, {model['dtype']}. " if model["random"] else
          f"Model: {model['name_or_path']} ({model['dtype']}). ",
          f"Grid: {grid['new_tokens']} new tokens, {grid['warmup']} warm-up + median of {grid['repeats']} interleaved "
-         f"runs, kvx prefill in chunks of {grid['prefill_chunk']}; budget {res['budget']} for compressing methods.",
+         f"sweeps of the grid, kvx prefill in chunks of {grid['prefill_chunk']}; budget {res['budget']} for compressing methods.",
          "Decode time per token = one decode step for the whole batch (forward + token pick); tok/s = batch / that.",
          "Peak memory = growth of the process' resident set (CPU) or of allocated CUDA memory during one run.\n"]
     if res["skipped"]:

@@ -13,6 +13,8 @@ Three launches:
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -35,8 +37,8 @@ def _split_kernel(
 ):
     pid = tl.program_id(0)
     sp = tl.program_id(1)
-    b = pid // HKV
-    kh = pid % HKV
+    b = (pid // HKV).to(tl.int64)  # int64: base offsets of a large cache exceed int32
+    kh = (pid % HKV).to(tl.int64)
     offs_g = tl.arange(0, BLOCK_G)
     offs_d = tl.arange(0, BLOCK_D)
     offs_n = tl.arange(0, BLOCK_N)
@@ -95,8 +97,8 @@ def _combine_kernel(
     HAS_LR: tl.constexpr, KEEP_STATS: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    b = pid // HKV
-    kh = pid % HKV
+    b = (pid // HKV).to(tl.int64)
+    kh = (pid % HKV).to(tl.int64)
     offs_g = tl.arange(0, BLOCK_G)
     offs_d = tl.arange(0, BLOCK_D)
     g_ok = offs_g < G
@@ -154,8 +156,8 @@ def _scores_kernel(
 ):
     pid = tl.program_id(0)
     sp = tl.program_id(1)
-    b = pid // HKV
-    kh = pid % HKV
+    b = (pid // HKV).to(tl.int64)  # int64: base offsets of a large cache exceed int32
+    kh = (pid % HKV).to(tl.int64)
     offs_g = tl.arange(0, BLOCK_G)
     offs_d = tl.arange(0, BLOCK_D)
     offs_n = tl.arange(0, BLOCK_N)
@@ -193,10 +195,15 @@ def _pow2(x: int, lo: int = 1) -> int:
     return max(lo, triton.next_power_of_2(max(int(x), 1)))
 
 
+@functools.cache
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
 def _default_splits(B: int, Hkv: int, n_blocks: int, device: torch.device) -> int:
     """Enough programs to fill the GPU (about 4 per SM), but no more splits than blocks."""
     if device.type == "cuda":
-        target = 4 * torch.cuda.get_device_properties(device).multi_processor_count
+        target = 4 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
     else:
         target = 4
     return max(1, min(n_blocks, triton.cdiv(target, B * Hkv)))

@@ -269,7 +269,7 @@ class Engine:
             logits = self.prefill(cache, inp, None, step)
             peak = cache.peak_bytes
         nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1), reduction="none").view(B, T)
-        stats = {"cache_bytes_peak": peak, "cache_aux_bytes": cache.aux_nbytes()}
+        stats = {"cache_bytes_peak": peak, "cache_aux_bytes": cache.aux_nbytes(), **cache.extra_stats()}
         if return_logits:
             stats["logits"] = logits
         return nll, stats

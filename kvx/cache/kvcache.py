@@ -163,6 +163,23 @@ class KVXCache(Cache):
             layer.policy.end_step(layer.store)
             self._bytes[layer.layer_idx] = layer.store.nbytes()
 
+    def extra_stats(self) -> dict:
+        """Counters beside the payload: policy score buffers, and the bits held as the QAQ paper counts them
+        (codes at their width; scales, zero points, outliers and full-precision elements at 16 bits)."""
+        score = sum(layer.policy.nbytes() for layer in self.layers if hasattr(layer.policy, "nbytes"))
+        acct = {"elements": 0, "bits": 0, "key_code_bits": 0, "value_code_bits": 0, "quantized_elements": 0}
+        for layer in self.layers:
+            st = layer.store
+            if hasattr(st, "bit_accounting"):
+                a = st.bit_accounting()
+            else:
+                k = st.keys() if st.n else None
+                e = 0 if k is None else 2 * k.numel()
+                a = {"elements": e, "bits": 16 * e}
+            for key in acct:
+                acct[key] += int(a.get(key, 0))
+        return {"score_bytes": score, **{f"acct_{k}": v for k, v in acct.items()}}
+
     def masked_peak_bytes(self, batch_size: int) -> int:
         a = self.arch
         tokens = sum(self.masked_peak) * batch_size * a.n_kv_heads * 2 * a.head_dim * a.dtype_bytes

@@ -86,6 +86,19 @@ def windows(n_tokens: int, window: int, stride: int) -> list[tuple[int, int, int
     return out
 
 
+def compression_metrics(acct: dict[str, int]) -> dict:
+    """QAQ's compression ratio (16 / average bits per element, metadata and outliers at 16 bits) over the caches held
+    at the end of each window, and the average code bits of quantized keys and values."""
+    out = {}
+    if acct.get("acct_bits"):
+        out["compression_ratio"] = 16.0 * acct["acct_elements"] / acct["acct_bits"]
+    q = acct.get("acct_quantized_elements", 0)
+    if q:
+        out["avg_key_bits"] = acct["acct_key_code_bits"] / q
+        out["avg_value_bits"] = acct["acct_value_code_bits"] / q
+    return out
+
+
 @TASKS.register("perplexity")
 @dataclass
 class Perplexity(Task):
@@ -126,6 +139,8 @@ class Perplexity(Task):
         x = torch.tensor(ids)
         wins = windows(len(ids), self.window, self.stride or self.window)
         total_nll, total_n, correct, peak, aux = 0.0, 0, 0, 0, 0
+        acct: dict[str, int] = {}
+        score_bytes = 0
         outputs = []
         t0 = time.perf_counter()
         groups = [wins[i : i + self.batch_size] for i in range(0, len(wins), self.batch_size)]
@@ -139,6 +154,10 @@ class Perplexity(Task):
                 logits = stats.pop("logits")
                 peak = max(peak, stats["cache_bytes_peak"])
                 aux = max(aux, stats.get("cache_aux_bytes", 0))
+                score_bytes = max(score_bytes, stats.get("score_bytes", 0))
+                for k, v in stats.items():
+                    if k.startswith("acct_"):
+                        acct[k] = acct.get(k, 0) + v
                 for r, (b, e, n_sc) in enumerate(batch):
                     s_nll = nll[r, -n_sc:]
                     hits = int((logits[r, -n_sc:].argmax(-1).cpu() == x[e + 1 - n_sc : e + 1]).sum())
@@ -160,6 +179,8 @@ class Perplexity(Task):
             "mode": self.mode,
             "cache_bytes_peak": peak,
             "cache_aux_bytes": aux,
+            "score_bytes": score_bytes,
             "task_seconds": time.perf_counter() - t0,
         }
+        metrics.update(compression_metrics(acct))
         return TaskResult(metrics=metrics, outputs=outputs)

@@ -22,8 +22,8 @@ def compose_cfg(overrides: list[str]):
         return compose(config_name="config", overrides=overrides, return_hydra_config=False)
 
 
-def run_cli(args: list[str], cwd: Path | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
-    env = dict(os.environ, OMP_NUM_THREADS="2", OPENBLAS_NUM_THREADS="2", WANDB_SILENT="true")
+def run_cli(args: list[str], cwd: Path | None = None, timeout: int = 300, threads: int = 2) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), OPENBLAS_NUM_THREADS=str(threads), WANDB_SILENT="true")
     return subprocess.run([sys.executable, str(REPO / "run.py"), *args], cwd=cwd or REPO, env=env,
                           capture_output=True, text=True, timeout=timeout)
 

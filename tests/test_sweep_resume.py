@@ -33,7 +33,7 @@ def test_killed_sweep_restarts_with_the_missing_runs_only(tmp_path):
         proc.wait()
     first = {p: p.stat().st_mtime_ns for p in _done(tmp_path)}
     assert 1 <= len(first) < 3, f"kill came too late or too early: {len(first)} runs ({proc.stderr.read()[-2000:]})"
-    out = run_cli([*SUBSET, f"results_dir={tmp_path}"])
+    out = run_cli([*SUBSET, f"results_dir={tmp_path}"], threads=1)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.count("[kvx] skipped") == len(first)
     assert out.stdout.count("[kvx] results:") == 3 - len(first)

@@ -15,7 +15,7 @@ def test_experiment_runs_are_grouped_in_wandb(tmp_path, monkeypatch):
     monkeypatch.delenv("WANDB_MODE", raising=False)
     cfg = compose_cfg(["experiment=eviction_ppl", "scale=cpu", "logger=wandb", "method=streaming_llm",
                        "method.budget=32", "task.mode=masked", "task.max_tokens=600", "progress=false",
-                       f"results_dir={tmp_path}"])
+                       f"results_dir={tmp_path}"], threads=1)
     assert cfg.logger.name == "wandb" and cfg.logger.group == "eviction_ppl-cpu"
     import wandb
 
@@ -48,7 +48,7 @@ def test_slurm_launcher_config():
 def test_experiment_is_a_multirun_and_takes_sweeps(tmp_path):
     # hydra.mode: MULTIRUN in the experiment; -m is needed only because a sweep value is on the command line
     out = run_cli(["-m", "experiment=eviction_ppl", "scale=cpu", "method=streaming_llm,h2o", "method.budget=32",
-                   "task.mode=masked", "task.max_tokens=600", "progress=false", f"results_dir={tmp_path}"])
+                   "task.mode=masked", "task.max_tokens=600", "progress=false", f"results_dir={tmp_path}"], threads=1)
     assert out.returncode == 0, out.stderr[-3000:]
     names = sorted(p.parent.parent.name for p in _done(tmp_path))
     assert names == ["h2o", "streaming_llm"]

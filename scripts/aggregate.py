@@ -1,0 +1,746 @@
+"""Paper tables and figures from results/runs (`make tables`).
+
+    python scripts/aggregate.py                                  # every experiment, every scale that has runs
+    python scripts/aggregate.py --experiment eviction_ppl --scale cpu
+    python scripts/aggregate.py --experiment eviction_ppl --scale cpu task.max_tokens=600   # as the runs were made
+
+The runs of a table are exactly its experiment's grid: configs/experiment/<name>.yaml is composed at each scale,
+its `hydra.sweeper` grid is expanded as the sweeper expands it (kvx/grid.py), and each cell's config hash names
+its folder results/runs/<task>/<model>/<method>/<hash>/. A scale none of whose runs exist is skipped; a scale with
+some runs missing fails, naming them (and the command that makes them).
+
+Writes results/tables/<experiment>.md and .csv (laid out like the paper's table, the paper's numbers beside ours
+where the paper gives them; scale, model and mode marked) and PNG figures in results/figures/. Output is a pure
+function of results/runs: rows in grid order, fixed float formats, no timestamps, PNGs saved without metadata.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import functools
+import io
+import json
+import math
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+CONFIGS = REPO / "configs"
+SCALES = ("gpu", "cpu")
+# numbers that vary from one identical run to the next: never in a table
+VOLATILE = {"wall_time", "task_seconds", "peak_process_memory_bytes", "peak_gpu_memory_bytes", "tokens_per_second"}
+
+
+class MissingRuns(SystemExit):
+    pass
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the runs of an experiment
+@dataclass
+class Run:
+    cell: list[str]  # the grid's overrides for this run, as the sweeper passes them
+    cfg: dict  # resolved model, method, task, seed
+    run_dir: Path
+    metrics: dict | None
+    outputs_path: Path
+
+    @property
+    def method(self) -> str:
+        return self.cfg["method"]["name"]
+
+    @property
+    def mode(self) -> str:
+        return self.cfg["task"].get("mode", "")
+
+    @property
+    def model(self) -> str:
+        return self.cfg["model"]["name"]
+
+    def get(self, dotted: str, default=None):
+        node = self.cfg
+        for part in dotted.split("."):
+            if not isinstance(node, dict) or part not in node:
+                return default
+            node = node[part]
+        return node
+
+    def outputs(self) -> list[dict]:
+        if not self.outputs_path.is_file():
+            return []
+        return [json.loads(line) for line in self.outputs_path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+@dataclass
+class Plan:
+    experiment: str
+    scale: str
+    runs: list[Run]
+    command: str
+
+    @property
+    def done(self) -> list[Run]:
+        return [r for r in self.runs if r.metrics is not None]
+
+    @property
+    def missing(self) -> list[Run]:
+        return [r for r in self.runs if r.metrics is None]
+
+
+@functools.cache
+def cells(experiment: str, scale: str, extra: tuple[str, ...] = ()) -> tuple[tuple[tuple[str, ...], dict, str], ...]:
+    """(overrides, resolved model/method/task/seed, folder under results) for each run of the experiment's grid."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    import kvx.config  # noqa: F401  (resolvers)
+    from kvx.config import config_hash
+    from kvx.grid import expand
+
+    base = [f"experiment={experiment}", f"scale={scale}", *extra]
+    out = []
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        root = compose(config_name="config", overrides=base, return_hydra_config=True)
+        sweeper = OmegaConf.to_container(root.hydra.sweeper, resolve=False)
+        for job in expand(sweeper.get("params"), sweeper.get("grids"), base):
+            cfg = compose(config_name="config", overrides=job)
+            plain = {k: OmegaConf.to_container(cfg[k], resolve=True) for k in ("model", "method", "task")}
+            plain["seed"] = cfg.get("seed")
+            rel = f"runs/{plain['task']['name']}/{plain['model']['name']}/{plain['method']['name']}/{config_hash(cfg)}"
+            out.append((tuple(j for j in job if j not in base), plain, rel))
+    return tuple(out)
+
+
+def plan(experiment: str, scale: str, results: Path, extra: list[str] = ()) -> Plan:
+    """The experiment's runs at `scale`, with the metrics of those already in `results`."""
+    runs = []
+    for cell, cfg, rel in cells(experiment, scale, tuple(extra)):
+        run_dir = results / rel
+        mpath = run_dir / "metrics.json"
+        metrics = json.loads(mpath.read_text(encoding="utf-8")) if mpath.is_file() else None
+        runs.append(Run(list(cell), copy.deepcopy(cfg), run_dir, metrics, run_dir / "outputs.jsonl"))
+    command = " ".join(["python run.py", f"experiment={experiment}", f"scale={scale}", *extra])
+    return Plan(experiment, scale, runs, command)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# tables
+@dataclass
+class Table:
+    title: str
+    columns: list[str]
+    rows: list[list[str]]
+    notes: list[str] = field(default_factory=list)
+
+    def markdown(self) -> str:
+        out = [f"**{self.title}**", ""] if self.title else []
+        out.append("| " + " | ".join(self.columns) + " |")
+        out.append("|" + "|".join("---" if i == 0 else "---:" for i in range(len(self.columns))) + "|")
+        out += ["| " + " | ".join(r) + " |" for r in self.rows]
+        out += [""] + [f"{n}" for n in self.notes] if self.notes else []
+        return "\n".join(out) + "\n"
+
+
+@dataclass
+class Section:
+    """One scale of one experiment: the main table (also the CSV), more tables, figures (paths relative to repo)."""
+
+    scale: str
+    model: str
+    main: Table
+    extra: list[Table] = field(default_factory=list)
+    figures: list[tuple[str, Path]] = field(default_factory=list)
+
+
+def fmt(x, digits: int = 3) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "–"
+    if isinstance(x, bool):
+        return str(x).lower()
+    if isinstance(x, int):
+        return str(x)
+    if isinstance(x, float):
+        return f"{x:.{digits}f}"
+    return str(x)
+
+
+def kib(nbytes) -> str:
+    return "–" if nbytes is None else f"{nbytes / 1024:.1f}"
+
+
+def ratio(x) -> str:
+    return "–" if x is None else f"{x:.2f}×"
+
+
+def budget_of(run: Run):
+    return run.get("method.budget")
+
+
+def budget_key(b) -> tuple:
+    return (b is None, float(b) if isinstance(b, (int, float)) else 0.0, str(b))
+
+
+def mode_note(runs: list[Run]) -> str:
+    modes = sorted({r.mode for r in runs})
+    what = {"masked": "masked: one parallel forward with each policy's mask",
+            "stream": "stream: token-by-token decoding through the real cache"}
+    return "Mode: " + "; ".join(what.get(m, m) for m in modes) + "."
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# figures
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plt.rcParams.update({"figure.dpi": 100, "savefig.dpi": 100, "font.size": 9, "path.simplify": False})
+    return plt
+
+
+def save_png(fig, path: Path) -> None:
+    """PNG without the variable metadata matplotlib writes by default (software version), so reruns are equal."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png", metadata={"Software": None}, bbox_inches=None)
+    _plt().close(fig)
+
+
+METHOD_ORDER = ["full", "streaming_llm", "h2o", "tova", "snapkv", "scissorhands", "sirllm", "less", "infinipot",
+                "uniform", "kivi", "qaq"]
+MARKERS = "os^vD<>ph*Px"
+
+
+def style(name: str, names: list[str]) -> dict:
+    """The same colour and marker for a method in every figure (by its base name: `qaq outliers=0` is qaq's)."""
+    base = name.split()[0]
+    order = METHOD_ORDER + sorted(n.split()[0] for n in names if n.split()[0] not in METHOD_ORDER)
+    i = order.index(base)
+    variant = sorted(n for n in names if n.split()[0] == base).index(name)
+    return {"color": f"C{i % 10}", "marker": MARKERS[(i + 3 * variant) % len(MARKERS)],
+            "linestyle": ["-", "--", "-.", ":"][variant % 4]}
+
+
+def _ticks(ax, xs) -> None:
+    """Tick marks at the data's own x values (budgets, KiB) when there are few of them."""
+    from matplotlib.ticker import FixedFormatter, FixedLocator, NullFormatter, NullLocator
+
+    kept = []
+    for x in sorted(set(xs)):
+        if x > 0 and (not kept or x >= 1.25 * kept[-1]):  # apart enough on a log axis to be read
+            kept.append(x)
+    if kept and len(kept) <= 12:
+        ax.xaxis.set_major_locator(FixedLocator(kept))
+        ax.xaxis.set_major_formatter(FixedFormatter([f"{x:.3g}" for x in kept]))
+        ax.xaxis.set_minor_locator(NullLocator())
+        ax.xaxis.set_minor_formatter(NullFormatter())
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """Points no other point beats on both axes (smaller x = memory, smaller y = loss), sorted by x."""
+    front, best = [], math.inf
+    for x, y in sorted(points):
+        if y < best:
+            front.append((x, y))
+            best = y
+    return front
+
+
+def plot_pareto(series: dict[str, list[tuple[float, float]]], path: Path, title: str, ylabel: str,
+                ref: float | None = None, higher_is_better: bool = False) -> None:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    allpts = []
+    for name, pts in sorted(series.items()):
+        xs, ys = zip(*sorted(pts)) if pts else ((), ())
+        ax.plot(xs, ys, linewidth=0.8, label=name, **style(name, list(series)))
+        allpts += [(x, -y if higher_is_better else y) for x, y in pts]
+    front = pareto_front(allpts)
+    if len(front) > 1:
+        ax.plot([x for x, _ in front], [(-y if higher_is_better else y) for _, y in front], color="black",
+                linestyle=":", linewidth=1.2, label="Pareto front")
+    if ref is not None:
+        ax.axhline(ref, color="grey", linestyle="--", linewidth=0.8, label="full cache")
+    ax.set_xscale("log", base=2)
+    _ticks(ax, [x for x, _ in allpts])
+    ax.set_xlabel("measured cache (KiB, peak)")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(True, linewidth=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    save_png(fig, path)
+
+
+def plot_lines(series: dict[str, list[tuple[float, float]]], path: Path, title: str, xlabel: str, ylabel: str,
+               ref: float | None = None, logx: bool = True) -> None:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for name, pts in sorted(series.items()):
+        xs, ys = zip(*sorted(pts))
+        ax.plot(xs, ys, linewidth=0.9, label=name, **style(name, list(series)))
+    if ref is not None:
+        ax.axhline(ref, color="grey", linestyle="--", linewidth=0.8, label="full cache")
+    if logx:
+        ax.set_xscale("log", base=2)
+        _ticks(ax, [x for pts in series.values() for x, _ in pts])
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(True, linewidth=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    save_png(fig, path)
+
+
+def plot_heatmaps(maps: list[tuple[str, list, list, dict]], path: Path, title: str, label: str) -> None:
+    """maps: (name, lengths, depths, {(length, depth): score}) -> one depth x length panel each."""
+    import numpy as np
+
+    plt = _plt()
+    n = len(maps)
+    cols = min(n, 3)
+    rows = (n + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.6 * rows), squeeze=False)
+    fig.subplots_adjust(hspace=0.45, wspace=0.35, top=0.9)
+    for ax in axes.flat[n:]:
+        ax.axis("off")
+    im = None
+    for ax, (name, lengths, depths, grid) in zip(axes.flat, maps):
+        mat = np.array([[grid.get((L, d), np.nan) for L in lengths] for d in depths], dtype=float)
+        im = ax.imshow(mat, vmin=0.0, vmax=1.0, cmap="RdYlGn", aspect="auto", interpolation="nearest")
+        ax.set_xticks(range(len(lengths)), [str(L) for L in lengths], fontsize=7)
+        ax.set_yticks(range(len(depths)), [f"{d:g}" for d in depths], fontsize=7)
+        ax.set_xlabel("context length (tokens)")
+        ax.set_ylabel("needle depth (%)")
+        ax.set_title(name, fontsize=8)
+        for (i, j), v in np.ndenumerate(mat):
+            if not np.isnan(v):
+                ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=6)
+    fig.suptitle(title, fontsize=9)
+    if im is not None:
+        fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.8, label=label)
+    save_png(fig, path)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# layouts: one per paper table; `generic` for any other experiment
+Layout = Callable[[Plan, Path], Section]
+LAYOUTS: dict[str, Layout] = {}
+
+
+def layout(name: str):
+    def deco(fn):
+        LAYOUTS[name] = fn
+        return fn
+
+    return deco
+
+
+def figure_path(figures: Path, plan_: Plan, name: str) -> Path:
+    return figures / f"{plan_.experiment}-{plan_.scale}-{name}.png"
+
+
+def _full(runs: list[Run], mode: str | None = None) -> Run | None:
+    cands = [r for r in runs if r.method == "full" and (mode is None or r.mode == mode)]
+    return cands[0] if cands else None
+
+
+@layout("eviction_ppl")
+def eviction_table(p: Plan, figures: Path) -> Section:
+    runs = p.done
+    budgets = sorted({budget_of(r) for r in runs if r.method != "full"}, key=budget_key)
+    modes = [m for m in ("masked", "stream") if any(r.mode == m for r in runs)]
+    methods = []
+    for r in runs:
+        if r.method not in methods:
+            methods.append(r.method)
+    by = {(r.method, budget_of(r) if r.method != "full" else None, r.mode): r for r in runs}
+    cols = ["method"] + [f"{b} {m}" for b in budgets for m in modes]
+    rows, cache_rows = [], []
+    for meth in methods:
+        row, crow = [meth], [meth]
+        for b in budgets:
+            for m in modes:
+                r = by.get((meth, None if meth == "full" else b, m))
+                row.append(fmt(r.metrics["ppl"]) if r else "–")
+            r = by.get((meth, None if meth == "full" else b, "stream")) or by.get((meth, None if meth == "full" else b,
+                                                                                   "masked"))
+            crow.append(kib(r.metrics.get("cache_bytes_peak")) if r else "–")
+        rows.append(row)
+        cache_rows.append(crow)
+    notes = [mode_note(runs), "Budget: tokens kept per KV head and layer, the current one included; the full cache "
+             "keeps every token of the window (its row repeats one number)."]
+    gaps = [abs(by[(k[0], k[1], "masked")].metrics["ppl"] - r.metrics["ppl"])
+            for k, r in by.items() if k[2] == "stream" and (k[0], k[1], "masked") in by]
+    if gaps:
+        notes.append(f"Masked versus stream: largest |ppl difference| {max(gaps):.2e} over {len(gaps)} pairs.")
+    task = runs[0].cfg["task"]
+    title = (f"Perplexity, {task['name']} first {task.get('max_tokens')} tokens, windows of {task.get('window')} "
+             f"({p.runs[0].model})")
+    cache = Table("Measured peak cache (KiB) per budget (stream mode where run)", ["method"] + [str(b) for b in budgets],
+                  cache_rows)
+    full = _full(runs)
+    ref = full.metrics["ppl"] if full else None
+    figs = []
+    for m in modes:
+        series = {meth: [(float(b), by[(meth, b, m)].metrics["ppl"]) for b in budgets if (meth, b, m) in by]
+                  for meth in methods if meth != "full"}
+        series = {k: v for k, v in series.items() if v}
+        path = figure_path(figures, p, f"ppl_budget_{m}")
+        plot_lines(series, path, f"{p.experiment} ({p.scale}, {p.runs[0].model}, {m})", "budget (tokens per head)",
+                   "perplexity", ref)
+        figs.append((f"perplexity versus budget ({m})", path))
+    pts = {}
+    for r in runs:
+        if r.method == "full" or r.mode != (modes[-1]):
+            continue
+        pts.setdefault(r.method, []).append((r.metrics["cache_bytes_peak"] / 1024, r.metrics["ppl"]))
+    path = figure_path(figures, p, "pareto")
+    plot_pareto(pts, path, f"{p.experiment} ({p.scale}, {p.runs[0].model}, {modes[-1]})", "perplexity", ref)
+    figs.append((f"perplexity versus measured cache ({modes[-1]})", path))
+    return Section(p.scale, p.runs[0].model, Table(title, cols, rows, notes), [cache], figs)
+
+
+def compression(run: Run, full: Run | None) -> float | None:
+    """The paper's ratio (16 bits / average bits held) when the run reports it, else full bytes / run bytes."""
+    m = run.metrics
+    for key in ("compression_ratio", "compression"):
+        if isinstance(m.get(key), (int, float)):
+            return float(m[key])
+    if full is not None and m.get("cache_bytes_peak"):
+        return full.metrics["cache_bytes_peak"] / m["cache_bytes_peak"]
+    return None
+
+
+def setting(run: Run) -> str:
+    """The method's swept fields, e.g. `bits=4` or `key_error=0.1 value_error=0.1`."""
+    keys = [c.split("=", 1)[0].lstrip("+~") for c in run.cell]
+    def show(v):
+        return f"{v:g}" if isinstance(v, float) else fmt(v)
+
+    return " ".join(f"{k.split('.', 1)[1]}={show(run.get(k))}" for k in keys if k.startswith("method.")) or "–"
+
+
+def accuracy_key(run: Run) -> str:
+    for key in ("acc", "acc_norm", "exact"):
+        if isinstance(run.metrics.get(key), (int, float)):
+            return key
+    raise KeyError(f"no accuracy metric in {run.run_dir}/metrics.json")
+
+
+QAQ_PAPER = {"hellaswag": 7.48, "piqa": 9.02, "mathqa": 7.48}  # LLaMA-2-7B, <1% accuracy drop (QAQ Table 1)
+MAX_DROP = 0.01
+
+
+def _best_under_drop(runs: list[Run], full: Run, key: str) -> tuple[float | None, Run | None]:
+    best, arg = None, None
+    for r in runs:
+        c = compression(r, full)
+        if c is not None and full.metrics[key] - r.metrics[key] <= MAX_DROP + 1e-12 and (best is None or c > best):
+            best, arg = c, r
+    return best, arg
+
+
+def _qaq_detail(p: Plan, runs: list[Run], tasks: list[str]) -> Table:
+    cols = ["task", "method", "setting", "compression", "acc", "Δacc (points)", "ppl", "cache KiB"]
+    rows = []
+    for t in tasks:
+        trs = [r for r in runs if r.cfg["task"]["name"] == t]
+        full = _full(trs)
+        for r in trs:
+            key = accuracy_key(r)
+            drop = None if full is None else 100 * (r.metrics[key] - full.metrics[key])
+            rows.append([t, r.method, setting(r), ratio(compression(r, full)), fmt(r.metrics[key], 4),
+                         "–" if drop is None else f"{drop:+.2f}", fmt(r.metrics.get("ppl")),
+                         kib(r.metrics.get("cache_bytes_peak"))])
+    return Table("Every run", cols, rows)
+
+
+def _tasks(runs: list[Run]) -> list[str]:
+    out = []
+    for r in runs:
+        if r.cfg["task"]["name"] not in out:
+            out.append(r.cfg["task"]["name"])
+    return out
+
+
+@layout("qaq_table1")
+def qaq_table1(p: Plan, figures: Path) -> Section:
+    runs = p.done
+    tasks = _tasks(runs)
+    families = [m for m in dict.fromkeys(r.method for r in runs) if m != "full"]
+    cols = ["task", "acc (full)"] + [f"{m} max compression" for m in families] + ["QAQ paper (LLaMA-2-7B)"]
+    rows = []
+    for t in tasks:
+        trs = [r for r in runs if r.cfg["task"]["name"] == t]
+        full = _full(trs)
+        key = accuracy_key(full)
+        row = [t, fmt(full.metrics[key], 4)]
+        for fam in families:
+            best, _ = _best_under_drop([r for r in trs if r.method == fam], full, key)
+            row.append(ratio(best))
+        row.append(ratio(QAQ_PAPER.get(t)))
+        rows.append(row)
+    notes = [f"Max compression: the largest compression of any grid point whose accuracy stays within "
+             f"{100 * MAX_DROP:.0f} point of the full cache's (– where none does). Compression: 16 bits over the "
+             "average bits held (QAQ's accounting) when the method reports it, else full-cache bytes over measured "
+             "bytes.", mode_note(runs)]
+    if p.scale != "gpu":
+        notes.append("The paper's column is LLaMA-2-7B on HellaSwag, PIQA and MathQA (7.48×, 9.02×, 7.48×); this "
+                     "scale runs a different model and task, so compare trends, not values.")
+    figs = []
+    for t in tasks:
+        trs = [r for r in runs if r.cfg["task"]["name"] == t]
+        full = _full(trs)
+        key = accuracy_key(full)
+        series = {}
+        for r in trs:
+            if r.method != "full" and r.metrics.get("cache_bytes_peak"):
+                series.setdefault(r.method, []).append((r.metrics["cache_bytes_peak"] / 1024, r.metrics[key]))
+        path = figure_path(figures, p, f"pareto_{t}")
+        plot_pareto(series, path, f"{p.experiment} ({p.scale}, {p.runs[0].model}, {t})", key,
+                    full.metrics[key], higher_is_better=True)
+        figs.append((f"{key} versus measured cache ({t})", path))
+    main = Table(f"Compression at <{100 * MAX_DROP:.0f}% accuracy drop ({p.runs[0].model})", cols, rows, notes)
+    return Section(p.scale, p.runs[0].model, main, [_qaq_detail(p, runs, tasks)], figs)
+
+
+@layout("qaq_table2")
+def qaq_table2(p: Plan, figures: Path) -> Section:
+    runs = p.done
+    tasks = _tasks(runs)
+    variants = []
+    for r in runs:
+        if r.method == "full":
+            continue
+        v = (r.get("method.outliers"), r.get("method.attn_window"))
+        if v not in variants:
+            variants.append(v)
+    cols = ["outliers", "attention window"] + [f"{t} max compression" for t in tasks]
+    rows = []
+    for out, win in variants:
+        row = [fmt(out), fmt(win)]
+        for t in tasks:
+            trs = [r for r in runs if r.cfg["task"]["name"] == t]
+            full = _full(trs)
+            key = accuracy_key(full)
+            sel = [r for r in trs if r.method != "full" and (r.get("method.outliers"), r.get("method.attn_window"))
+                   == (out, win)]
+            row.append(ratio(_best_under_drop(sel, full, key)[0]))
+        rows.append(row)
+    notes = [f"Max compression at <{100 * MAX_DROP:.0f}% accuracy drop over the error-target grid, per ablation "
+             "(outliers: share of entries kept exact, 0 = none; attention window n: importance = max of the last n "
+             "attention weights).", mode_note(runs)]
+    main = Table(f"QAQ ablation: outliers and attention window ({p.runs[0].model})", cols, rows, notes)
+    return Section(p.scale, p.runs[0].model, main, [_qaq_detail(p, runs, tasks)], [])
+
+
+@layout("needle_grid")
+def needle_grid(p: Plan, figures: Path) -> Section:
+    runs = p.done
+    metric = runs[0].cfg["task"].get("heatmap_metric", "rougeL")
+    cols = ["method", "budget", "mean " + metric, "exact", "cache KiB"]
+    rows, maps = [], []
+    for r in runs:
+        b = budget_of(r)
+        rows.append([r.method, fmt(b), fmt(r.metrics.get(metric)), fmt(r.metrics.get("exact")),
+                     kib(r.metrics.get("cache_bytes_peak"))])
+        grid = {(o["context_length"], float(o["depth"])): float(o[metric]) for o in r.outputs()}
+        lengths = sorted({k[0] for k in grid})
+        depths = sorted({k[1] for k in grid})
+        maps.append((f"{r.method}" + ("" if b is None else f" {b}"), lengths, depths, grid))
+    path = figure_path(figures, p, "heatmaps")
+    plot_heatmaps(maps, path, f"{p.experiment} ({p.scale}, {p.runs[0].model}, {runs[0].mode})", metric)
+    main = Table(f"Needle in a haystack ({p.runs[0].model})", cols, rows, [mode_note(runs)])
+    return Section(p.scale, p.runs[0].model, main, [], [(f"{metric} by context length and depth", path)])
+
+
+def generic(p: Plan, figures: Path) -> Section:
+    """One row per run: the swept keys, then the numeric metrics all runs share (timings left out)."""
+    runs = p.done
+    keys = []
+    for r in runs:
+        for c in r.cell:
+            k = c.split("=", 1)[0]
+            if k not in keys:
+                keys.append(k)
+    shared = None
+    for r in runs:
+        nums = [k for k, v in r.metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+                and k not in VOLATILE]
+        shared = nums if shared is None else [k for k in shared if k in nums]
+    shared = sorted(shared or [])
+    cols = ["model", "method", "mode"] + [k for k in keys if k not in ("method", "task.mode")] + shared
+    rows = []
+    for r in runs:
+        vals = dict(c.split("=", 1) for c in r.cell)
+        rows.append([r.model, r.method, r.mode] + [vals.get(k, "–") for k in keys if k not in ("method", "task.mode")]
+                    + [fmt(r.metrics[k], 4) if isinstance(r.metrics[k], float) else fmt(r.metrics[k]) for k in shared])
+    return Section(p.scale, p.runs[0].model, Table(f"{p.experiment} ({p.runs[0].model})", cols, rows,
+                                                   [mode_note(runs)]))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+def describe(experiment: str) -> list[str]:
+    """The experiment file's leading comment (without command lines)."""
+    lines = []
+    for line in (CONFIGS / "experiment" / f"{experiment}.yaml").read_text(encoding="utf-8").splitlines():
+        if line.startswith("# @package"):
+            continue
+        if not line.startswith("#"):
+            break
+        text = line[1:].strip()
+        if text.startswith("python ") or text.startswith("make "):
+            continue
+        lines.append(text)
+    return [" ".join(lines)] if lines else []
+
+
+def _link(path: Path, tables: Path) -> str:
+    """A figure's path as seen from the tables folder (relative when both sit under one results folder)."""
+    if path.is_relative_to(tables.parent):
+        return (Path("..") / path.relative_to(tables.parent)).as_posix()
+    return path.as_posix()
+
+
+def write(experiment: str, sections: list[Section], plans: list[Plan], out: Path) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    md = [f"# {experiment}", ""] + describe(experiment) + [""]
+    for s, p in zip(sections, plans):
+        then = "make tables" if p.command.endswith(f"scale={s.scale}") else (
+            f"python scripts/aggregate.py --experiment {experiment} --scale {s.scale} "
+            + p.command.split(f"scale={s.scale} ", 1)[1])
+        md += [f"## scale={s.scale} · model {s.model}", "", f"Reproduce: `{p.command}`, then `{then}`.", ""]
+        md.append(s.main.markdown())
+        for t in s.extra:
+            md.append(t.markdown())
+        for caption, path in s.figures:
+            md.append(f"![{caption}]({_link(path, out)})\n")
+    md_path = out / f"{experiment}.md"
+    md_path.write_text("\n".join(md).rstrip() + "\n", encoding="utf-8")
+    cols = ["scale", "model"]
+    for s in sections:
+        cols += [c for c in s.main.columns if c not in cols]
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(cols)
+    for s in sections:
+        for row in s.main.rows:
+            d = dict(zip(s.main.columns, row), scale=s.scale, model=s.model)
+            w.writerow([d.get(c, "") for c in cols])
+    csv_path = out / f"{experiment}.csv"
+    csv_path.write_text(buf.getvalue(), encoding="utf-8")
+    return [md_path, csv_path] + [path for s in sections for _, path in s.figures]
+
+
+def cross_pareto(plans: list[Plan], tables: Path, figures: Path) -> list[Path]:
+    """Quality against measured cache bytes for every method of every experiment that evaluates the same thing
+    (same scale, model, task settings, seed and mode): one figure per such group that spans two or more experiments,
+    and results/tables/pareto.md with the points on each front."""
+    groups: dict[str, list[tuple[str, Run]]] = {}
+    for p in plans:
+        for r in p.done:
+            if not isinstance(r.metrics.get("ppl"), (int, float)) or not r.metrics.get("cache_bytes_peak"):
+                continue
+            task = {k: v for k, v in r.cfg["task"].items() if k != "mode"}
+            key = json.dumps([p.scale, r.cfg["model"], task, r.cfg["seed"], r.mode], sort_keys=True)
+            if all(r.run_dir != o.run_dir for _, o in groups.get(key, [])):
+                groups.setdefault(key, []).append((p.experiment, r))
+    md, written = ["# Pareto view: quality against measured cache, across experiments", ""], []
+    for key, members in sorted(groups.items()):
+        exps = sorted({e for e, _ in members})
+        if len(exps) < 2:
+            continue
+        scale, model, task, _, mode = json.loads(key)
+        name = f"pareto-{scale}-{model['name']}-{task['name']}-{mode}"
+        series: dict[str, list[tuple[float, float]]] = {}
+        full = None
+        for _, r in members:
+            if r.method == "full":
+                full = r.metrics["ppl"]
+                continue
+            series.setdefault(r.method, []).append((r.metrics["cache_bytes_peak"] / 1024, r.metrics["ppl"]))
+        path = figures / f"{name}.png"
+        plot_pareto(series, path, f"{task['name']} ({scale}, {model['name']}, {mode}): {', '.join(exps)}",
+                    "perplexity", full)
+        written.append(path)
+        front = set(pareto_front([(r.metrics["cache_bytes_peak"] / 1024, r.metrics["ppl"]) for _, r in members]))
+        rows = [[r.method, setting(r), e, kib(r.metrics["cache_bytes_peak"]), fmt(r.metrics["ppl"])]
+                for e, r in sorted(members, key=lambda m: (m[1].metrics["cache_bytes_peak"], m[1].metrics["ppl"]))
+                if (r.metrics["cache_bytes_peak"] / 1024, r.metrics["ppl"]) in front]
+        md += [f"## {task['name']} · scale={scale} · model {model['name']} · {mode}", "",
+               Table("On the front (no run is both smaller and better)", ["method", "setting", "experiment",
+                                                                          "cache KiB", "ppl"], rows).markdown(),
+               f"![pareto]({_link(path, tables)})\n"]
+    if written:
+        tables.mkdir(parents=True, exist_ok=True)
+        out = tables / "pareto.md"
+        out.write_text("\n".join(md).rstrip() + "\n", encoding="utf-8")
+        written.insert(0, out)
+    return written
+
+
+def experiments() -> list[str]:
+    return sorted(p.stem for p in (CONFIGS / "experiment").glob("*.yaml"))
+
+
+def aggregate(names: list[str] | None, scales: list[str] | None, results: Path, tables: Path, figures: Path,
+              extra: list[str] = ()) -> dict[str, list[Path]]:
+    """Build the tables; raise MissingRuns naming the missing runs of any table partly run, of a scale asked for by
+    name that has none, or of an experiment asked for by name that has none at any scale."""
+    written, problems, all_plans = {}, [], []
+    for name in names or experiments():
+        if not (CONFIGS / "experiment" / f"{name}.yaml").is_file():
+            raise SystemExit(f"aggregate: no experiment {name!r} in configs/experiment (known: {', '.join(experiments())})")
+        plans = []
+        for scale in scales or SCALES:
+            p = plan(name, scale, results, list(extra))
+            if not p.done and not scales:
+                continue
+            if p.missing:
+                lines = [f"  {' '.join(r.cell) or '(the single run)'}  ->  {r.run_dir}" for r in p.missing]
+                problems.append(f"{name} (scale={scale}): {len(p.missing)} of {len(p.runs)} runs missing; make "
+                                f"them with `{p.command}`:\n" + "\n".join(lines))
+                continue
+            plans.append(p)
+        if not plans:
+            if names and not problems:
+                problems.append(f"{name}: no runs at any scale; make them with `python run.py experiment={name} "
+                                "scale=cpu` (or at gpu scale)")
+            continue
+        all_plans += plans
+        fn = LAYOUTS.get(name, generic)
+        sections = [fn(p, figures) for p in plans]
+        written[name] = write(name, sections, plans, tables)
+        print(f"[aggregate] {name}: " + ", ".join(f"scale={p.scale} ({len(p.runs)} runs)" for p in plans))
+    if problems:
+        raise MissingRuns("aggregate: tables with missing runs\n" + "\n".join(problems))
+    if names is None:  # the cross-experiment view needs every table
+        written["pareto"] = cross_pareto(all_plans, tables, figures)
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--experiment", action="append", help="experiment name (repeatable; default: all)")
+    ap.add_argument("--scale", action="append", choices=SCALES, help="scale (repeatable; default: all)")
+    ap.add_argument("--results", type=Path, default=REPO / "results", help="the results_dir of the runs")
+    ap.add_argument("--tables", type=Path, default=None, help="default: <results>/tables")
+    ap.add_argument("--figures", type=Path, default=None, help="default: <results>/figures")
+    ap.add_argument("overrides", nargs="*", help="overrides the runs were made with (e.g. task.max_tokens=600)")
+    a = ap.parse_args(argv)
+    tables = a.tables or a.results / "tables"
+    figures = a.figures or a.results / "figures"
+    aggregate(a.experiment, a.scale, a.results, tables, figures, a.overrides)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

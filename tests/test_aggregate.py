@@ -1,0 +1,192 @@
+"""scripts/aggregate.py on synthetic run folders: tables hold the numbers written, missing runs are named, output is
+byte-for-byte repeatable."""
+
+import csv
+import importlib.util
+import json
+import sys
+
+import pytest
+
+from .helpers import REPO
+
+spec = importlib.util.spec_from_file_location("aggregate", REPO / "scripts" / "aggregate.py")
+A = importlib.util.module_from_spec(spec)
+sys.modules["aggregate"] = A
+spec.loader.exec_module(A)
+
+FULL_BYTES = 655360
+
+
+def _write(run, metrics, outputs=()):
+    run.run_dir.mkdir(parents=True, exist_ok=True)
+    base = {"task": run.cfg["task"]["name"], "model": run.model, "method": run.method, "mode": run.mode,
+            "wall_time": 1.0 + len(str(run.run_dir)) % 7}  # a timing: must never reach a table
+    (run.run_dir / "metrics.json").write_text(json.dumps({**base, **metrics}))
+    (run.run_dir / "outputs.jsonl").write_text("".join(json.dumps(o) + "\n" for o in outputs))
+
+
+def _eviction_ppl(method, budget, mode):
+    """A made-up perplexity per cell, distinct everywhere."""
+    if method == "full":
+        return 3.75
+    rank = ["streaming_llm", "h2o", "tova", "snapkv", "scissorhands", "sirllm"].index(method)
+    return 3.75 + 64.0 / budget + 0.01 * rank + (0.001 if mode == "stream" else 0.0)
+
+
+@pytest.fixture(scope="module")
+def eviction(tmp_path_factory):
+    root = tmp_path_factory.mktemp("res")
+    plan = A.plan("eviction_ppl", "cpu", root)
+    assert len(plan.runs) == 2 + 5 * 3 * 2 + 3
+    for r in plan.runs:
+        b = r.get("method.budget")
+        _write(r, {"ppl": _eviction_ppl(r.method, b, r.mode),
+                   "cache_bytes_peak": FULL_BYTES if r.method == "full" else b * 1280, "acc": 0.5})
+    return root
+
+
+def _csv(path):
+    with path.open() as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_eviction_table_holds_the_numbers(eviction, tmp_path):
+    out = A.aggregate(["eviction_ppl"], ["cpu"], eviction, tmp_path / "tables", tmp_path / "figures")
+    rows = {r["method"]: r for r in _csv(tmp_path / "tables" / "eviction_ppl.csv")}
+    assert list(rows) == ["full", "streaming_llm", "h2o", "tova", "scissorhands", "snapkv", "sirllm"]
+    for meth, row in rows.items():
+        assert row["scale"] == "cpu" and row["model"] == "stories260k"
+        for b in (32, 64, 128):
+            for mode in ("masked", "stream"):
+                cell = row[f"{b} {mode}"]
+                if meth == "sirllm" and mode == "masked":
+                    assert cell == "–"
+                else:
+                    assert cell == f"{_eviction_ppl(meth, b, mode):.3f}"
+    md = (tmp_path / "tables" / "eviction_ppl.md").read_text()
+    assert "## scale=cpu · model stories260k" in md and "python run.py experiment=eviction_ppl scale=cpu" in md
+    assert "| h2o | 40.0 | 80.0 | 160.0 |" in md  # measured KiB per budget
+    assert "largest |ppl difference| 1.00e-03 over 16 pairs" in md
+    assert "wall" not in md
+    pngs = [p for p in out["eviction_ppl"] if p.suffix == ".png"]
+    assert len(pngs) == 3 and all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
+    assert all(f"(../figures/{p.name})" in md for p in pngs)
+
+
+def test_output_is_repeatable(eviction, tmp_path):
+    a = A.aggregate(["eviction_ppl"], ["cpu"], eviction, tmp_path / "a" / "tables", tmp_path / "a" / "figures")
+    b = A.aggregate(["eviction_ppl"], ["cpu"], eviction, tmp_path / "b" / "tables", tmp_path / "b" / "figures")
+    for pa, pb in zip(a["eviction_ppl"], b["eviction_ppl"]):
+        assert pa.name == pb.name and pa.read_bytes() == pb.read_bytes(), pa.name
+
+
+def test_missing_runs_are_named(eviction, tmp_path):
+    plan = A.plan("eviction_ppl", "cpu", eviction)
+    victim = next(r for r in plan.runs if r.method == "tova" and r.get("method.budget") == 64 and r.mode == "stream")
+    moved = victim.run_dir.with_name("elsewhere")
+    victim.run_dir.rename(moved)
+    try:
+        with pytest.raises(A.MissingRuns) as e:
+            A.aggregate(["eviction_ppl"], None, eviction, tmp_path / "t", tmp_path / "f")
+        msg = str(e.value)
+        assert "eviction_ppl (scale=cpu): 1 of 35 runs missing" in msg
+        assert "task.mode=stream method=tova method.budget=64" in msg and str(victim.run_dir) in msg
+        assert "python run.py experiment=eviction_ppl scale=cpu" in msg
+        assert not (tmp_path / "t" / "eviction_ppl.md").exists()
+    finally:
+        moved.rename(victim.run_dir)
+    # a scale with no runs at all is skipped (gpu here), unless asked for by name
+    assert list(A.aggregate(["eviction_ppl"], None, eviction, tmp_path / "t", tmp_path / "f")) == ["eviction_ppl"]
+    assert "scale=gpu" not in (tmp_path / "t" / "eviction_ppl.md").read_text()
+    with pytest.raises(A.MissingRuns, match=r"eviction_ppl \(scale=gpu\): 35 of 35 runs missing"):
+        A.aggregate(["eviction_ppl"], ["gpu"], eviction, tmp_path / "t", tmp_path / "f")
+    with pytest.raises(A.MissingRuns, match="no runs at any scale"):
+        A.aggregate(["eviction_ppl"], None, tmp_path / "empty", tmp_path / "t", tmp_path / "f")
+
+
+def test_qaq_table_max_compression_under_one_point(tmp_path):
+    plan = A.plan("qaq_table1", "cpu", tmp_path)
+    full_acc = 0.650
+    accs = {}
+    for r in plan.runs:
+        if r.method == "full":
+            acc, nbytes = full_acc, FULL_BYTES
+        elif r.method == "qaq":
+            e = float(r.get("method.key_error"))
+            acc, nbytes = full_acc - e / 10, int(FULL_BYTES / (4 + 20 * e))  # drop 0.1 e, compression 4 + 20 e
+        else:
+            bits = r.get("method.bits")
+            acc, nbytes = full_acc - (0.02 if bits == 2 else 0.0), FULL_BYTES * bits // 16
+        accs[r.run_dir] = acc
+        _write(r, {"acc": acc, "ppl": 4.0 - acc, "cache_bytes_peak": nbytes})
+    A.aggregate(["qaq_table1"], ["cpu"], tmp_path, tmp_path / "tables", tmp_path / "figures")
+    (row,) = _csv(tmp_path / "tables" / "qaq_table1.csv")
+    assert row["task"] == "tinystories" and row["acc (full)"] == "0.6500"
+    # qaq: drop 0.1 e <= 0.01 up to e = 0.1 -> compression 4 + 2 = 6; uniform/kivi: 2 bits drop 2 points -> 4 bits
+    assert row["qaq max compression"] == "6.00×"
+    assert row["uniform max compression"] == "4.00×" and row["kivi max compression"] == "4.00×"
+    assert row["QAQ paper (LLaMA-2-7B)"] == "–"
+    md = (tmp_path / "tables" / "qaq_table1.md").read_text()
+    assert "| tinystories | qaq | key_error=0.2 value_error=0.2 | 8.00× | 0.6300 | -2.00 |" in md
+
+
+def test_qaq_paper_numbers_beside_ours():
+    assert A.QAQ_PAPER == {"hellaswag": 7.48, "piqa": 9.02, "mathqa": 7.48}
+    run = A.Run([], {"method": {"name": "qaq"}, "task": {}, "model": {"name": "m"}}, REPO, {"compression_ratio": 7.5,
+                                                                                            "cache_bytes_peak": 10}, REPO)
+    assert A.compression(run, None) == 7.5  # the method's own accounting wins over bytes
+
+
+def test_needle_heatmaps(tmp_path):
+    plan = A.plan("needle_grid", "cpu", tmp_path)
+    lengths, depths = plan.runs[0].cfg["task"]["context_lengths"], plan.runs[0].cfg["task"]["depths"]
+    for i, r in enumerate(plan.runs):
+        outs = [{"context_length": n, "depth": float(d), "rougeL": (i + n / 1000 + d / 100) % 1.0, "exact": 0.0}
+                for n in lengths for d in depths]
+        mean = sum(o["rougeL"] for o in outs) / len(outs)
+        _write(r, {"rougeL": mean, "exact": 0.0, "cache_bytes_peak": 1024 * (i + 1)}, outs)
+    out = A.aggregate(["needle_grid"], ["cpu"], tmp_path, tmp_path / "tables", tmp_path / "figures")
+    rows = _csv(tmp_path / "tables" / "needle_grid.csv")
+    assert [r["method"] for r in rows] == ["full", "streaming_llm", "h2o", "tova", "snapkv", "scissorhands"]
+    assert rows[0]["budget"] == "–" and rows[1]["budget"] == "64"
+    assert [p.name for p in out["needle_grid"] if p.suffix == ".png"] == ["needle_grid-cpu-heatmaps.png"]
+
+
+def test_generic_layout_lists_every_run(eviction, tmp_path):
+    sec = A.generic(A.plan("eviction_ppl", "cpu", eviction), tmp_path)
+    assert sec.main.columns[:3] == ["model", "method", "mode"]
+    assert "wall_time" not in sec.main.columns and "ppl" in sec.main.columns
+    assert len(sec.main.rows) == 35
+
+
+def test_pareto_front():
+    pts = [(1, 5.0), (2, 4.0), (2, 4.5), (4, 4.2), (8, 3.0)]
+    assert A.pareto_front(pts) == [(1, 5.0), (2, 4.0), (8, 3.0)]
+
+
+def test_cross_experiment_pareto(eviction, tmp_path):
+    """Runs of two experiments that evaluate the same thing share one memory/quality plane."""
+    qaq = A.plan("qaq_table1", "cpu", eviction)
+    for r in qaq.runs:
+        if r.method == "full":
+            continue  # the same folder as eviction_ppl's masked full cache
+        if r.method == "qaq":
+            e = float(r.get("method.key_error"))
+            _write(r, {"ppl": 3.8 + e, "acc": 0.5, "cache_bytes_peak": int(FULL_BYTES / (4 + 20 * e))})
+            continue
+        bits = r.get("method.bits")
+        _write(r, {"ppl": 3.70 + 0.5 / bits + (0.2 if r.method == "uniform" else 0.0), "acc": 0.5,
+                   "cache_bytes_peak": FULL_BYTES * bits // 16})
+    ev = A.plan("eviction_ppl", "cpu", eviction)
+    qaq = A.plan("qaq_table1", "cpu", eviction)
+    assert not qaq.missing
+    out = A.cross_pareto([ev, qaq], tmp_path / "tables", tmp_path / "figures")
+    assert [p.name for p in out] == ["pareto.md", "pareto-cpu-stories260k-tinystories-masked.png"]
+    md = out[0].read_text()
+    # masked-mode points: eviction at 40/80/160 KiB (streaming_llm best of them), kivi 2 bits at 80 KiB (3.95) and
+    # 4 bits at 160 KiB (3.825), qaq from 45.7 KiB (4.3) to 152.4 KiB (3.81), the full cache at 640 KiB (3.75)
+    front = [line.split(" | ")[0].lstrip("| ") + " " + line.split(" | ")[3] for line in md.splitlines()
+             if line.startswith("| ") and not line.startswith("| method")]
+    assert front == ["streaming_llm 40.0", "qaq 45.7", "kivi 80.0", "qaq 106.7", "qaq 128.0", "qaq 145.5",
+                     "qaq 152.4", "full 640.0"]

@@ -1,0 +1,81 @@
+"""Paper experiments: gpu scale runs the paper's model from the hub, cpu scale runs stories260k on the offline assets,
+and every run of each grid builds (model, method and task validate) at both scales."""
+
+import importlib.util
+import sys
+
+import pytest
+from omegaconf import OmegaConf
+
+from kvx.config import build_method, build_model_config, build_task
+
+from .helpers import REPO, compose_cfg
+
+spec = importlib.util.spec_from_file_location("aggregate", REPO / "scripts" / "aggregate.py")
+A = importlib.util.module_from_spec(spec)
+sys.modules.setdefault("aggregate", A)
+spec.loader.exec_module(A)
+
+TABLES = ["eviction_ppl", "qaq_table1", "qaq_table2", "needle_grid"]
+GPU_MODEL = {"eviction_ppl": "meta-llama/Llama-2-7b-hf", "qaq_table1": "meta-llama/Llama-2-7b-hf",
+             "qaq_table2": "meta-llama/Llama-2-7b-hf", "needle_grid": "meta-llama/Llama-2-7b-hf"}
+
+
+def _hydra(overrides):
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
+        return compose(config_name="config", overrides=overrides, return_hydra_config=True)
+
+
+@pytest.mark.parametrize("name", TABLES)
+def test_scales(name):
+    gpu = _hydra([f"experiment={name}"])
+    cpu = _hydra([f"experiment={name}", "scale=cpu"])
+    assert gpu.scale == "gpu" and cpu.scale == "cpu"
+    assert gpu.model.name_or_path == GPU_MODEL[name] and gpu.model.device == "auto"
+    assert cpu.model.name == "stories260k" and cpu.model.device == "cpu"
+    from kvx.assets import assets_dir
+
+    assets = str(assets_dir(check=False))
+    assert OmegaConf.to_container(cpu.model, resolve=True)["name_or_path"] == f"{assets}/models/stories260k"
+    assert str(OmegaConf.to_container(cpu.task, resolve=True)["data_files"]).startswith(assets)
+    for cfg in (gpu, cpu):
+        assert cfg.hydra.mode.name == "MULTIRUN"  # one command runs the whole table
+        assert cfg.hydra.sweeper._target_.endswith("GridSweeper")
+        assert cfg.logger.group == f"{name}-{cfg.scale}"
+
+
+@pytest.mark.parametrize("name", TABLES)
+def test_every_cpu_run_builds(name):
+    cells = A.cells(name, "cpu")
+    assert len(cells) > 1
+    for _, cfg, rel in cells:
+        assert build_model_config(cfg["model"]).name == "stories260k"
+        method = build_method(cfg["method"])
+        task = build_task(cfg["task"])
+        assert task.mode != "masked" or method.has_mask_form, rel
+        assert rel.startswith(f"runs/{task.name}/stories260k/{method.name}/")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", A.experiments())
+def test_every_run_builds_at_both_scales(name):
+    for scale in A.SCALES:
+        for _, cfg, rel in A.cells(name, scale):
+            build_model_config(cfg["model"])
+            method = build_method(cfg["method"])
+            task = build_task(cfg["task"])
+            assert task.mode != "masked" or method.has_mask_form, rel
+
+
+def test_cpu_scale_is_the_same_run_as_by_hand():
+    """scale is not in the config hash: a cpu-scale run and the same settings typed by hand share a folder."""
+    from kvx.config import config_hash
+
+    cell = A.cells("eviction_ppl", "cpu")[2]
+    via = compose_cfg(["experiment=eviction_ppl", "scale=cpu", *cell[0]])
+    by_hand = compose_cfg([f"method={cell[1]['method']['name']}", f"method.budget={cell[1]['method']['budget']}",
+                           "task=tinystories", "task.max_tokens=20000", f"task.mode={cell[1]['task']['mode']}"])
+    assert config_hash(via) == config_hash(by_hand)
+    assert cell[2].endswith(config_hash(by_hand))

@@ -157,8 +157,11 @@ class Engine:
             nll = torch.cat([torch.zeros(B, 1, device=ids.device), nll], dim=1)
         return nll
 
-    def prefill(self, cache, input_ids, attention_mask=None, chunk_size: int | None = None) -> torch.Tensor:
-        """Feed a prompt, in chunks of chunk_size tokens if given. Returns the logits of every prompt token."""
+    def prefill(
+        self, cache, input_ids, attention_mask=None, chunk_size: int | None = None, last_only: bool = False
+    ) -> torch.Tensor:
+        """Feed a prompt, in chunks of chunk_size tokens if given. Returns the logits of every prompt token
+        ([B, T, V]), or only of the last one ([B, 1, V]) with last_only (decoding needs no more)."""
         T = input_ids.shape[1]
         outs, s = [], 0
         while s < T:
@@ -167,7 +170,8 @@ class Engine:
             if limit is not None:
                 step = min(step, limit)
             am = None if attention_mask is None else attention_mask[:, s : s + step]
-            outs.append(self.forward(cache, input_ids[:, s : s + step], am))
+            logits = self.forward(cache, input_ids[:, s : s + step], am)
+            outs = [logits[:, -1:]] if last_only else outs + [logits]
             s += step
         return torch.cat(outs, dim=1)
 
@@ -192,7 +196,7 @@ class Engine:
         B, T = input_ids.shape
         if cache is None:
             cache = self.new_cache(B, seq_len=T + max_new_tokens)
-        logits = self.prefill(cache, input_ids, attention_mask, chunk_size)[:, -1]
+        logits = self.prefill(cache, input_ids, attention_mask, chunk_size, last_only=True)[:, -1]
         gen = torch.Generator(device="cpu")
         if seed is not None:
             gen.manual_seed(int(seed))

@@ -81,6 +81,12 @@ class Engine:
         self.allow_beyond_context = allow_beyond_context
         method.bind(self)
 
+    def set_question(self, text: str | None) -> None:
+        """Tell the method the task's question, for methods that use it (InfiniPot's CaP-Q); others ignore it."""
+        if hasattr(self.method, "set_question"):
+            ids = self.tokenizer(text, add_special_tokens=False).input_ids if text else None
+            self.method.set_question(ids)
+
     # caches and forwards -----------------------------------------------------------------------------------------
     def new_cache(self, batch_size: int, seq_len: int | None = None, mode: str = "stream") -> KVXCache:
         if mode not in ("stream", "masked"):

@@ -271,6 +271,7 @@ class LongBench(Task):
         per_task: dict[str, list[tuple[float, int]]] = {}
         for s, base, max_gen, budget, row in ctx.progress(items, desc=f"{self.name} [{engine.method.name}]", total=total):
             ids, truncated = self.build_input(tok, row, prompts[base], s, budget, fmt)
+            engine.set_question(row.get("input") or None)  # CaP-Q reads it; other methods ignore it
             if self.max_length is None and len(ids) + max_gen > max_pos and not engine.allow_beyond_context:
                 keep = max(max_pos - max_gen, 2)  # the chat wrapper pushed past the context: cut the middle again
                 ids = ids[: keep // 2] + ids[len(ids) - (keep - keep // 2) :]

@@ -232,6 +232,7 @@ class Needle(Task):
         try:
             bar = ctx.progress(prompts, desc=f"{self.name} [{engine.method.name}]", total=len(prompts))
             for n, depth, want, ids in bar:
+                engine.set_question(self._spec()[1])  # CaP-Q reads it; other methods ignore it
                 gen = engine.generate(torch.tensor([ids]), max_new_tokens=self.max_new_tokens,
                                       stop_strings=self.stop or None, chunk_size=self.chunk_size)
                 pred = cut_stop(tok.decode(gen.tokens[0], skip_special_tokens=True), self.stop).strip()

@@ -107,7 +107,7 @@ def cells(experiment: str, scale: str, extra: tuple[str, ...] = ()) -> tuple[tup
     out = []
     with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
         root = compose(config_name="config", overrides=base, return_hydra_config=True)
-        sweeper = OmegaConf.to_container(root.hydra.sweeper, resolve=False)
+        sweeper = OmegaConf.to_container(root.hydra.sweeper, resolve=True)  # as the sweeper receives it
         for job in expand(sweeper.get("params"), sweeper.get("grids"), base):
             cfg = compose(config_name="config", overrides=job)
             plain = {k: OmegaConf.to_container(cfg[k], resolve=True) for k in ("model", "method", "task")}
@@ -692,7 +692,7 @@ def experiments() -> list[str]:
 
 
 def aggregate(names: list[str] | None, scales: list[str] | None, results: Path, tables: Path, figures: Path,
-              extra: list[str] = ()) -> dict[str, list[Path]]:
+              extra: list[str] = (), pareto: bool | None = None) -> dict[str, list[Path]]:
     """Build the tables; raise MissingRuns naming the missing runs of any table partly run, of a scale asked for by
     name that has none, or of an experiment asked for by name that has none at any scale."""
     written, problems, all_plans = {}, [], []
@@ -722,7 +722,7 @@ def aggregate(names: list[str] | None, scales: list[str] | None, results: Path, 
         print(f"[aggregate] {name}: " + ", ".join(f"scale={p.scale} ({len(p.runs)} runs)" for p in plans))
     if problems:
         raise MissingRuns("aggregate: tables with missing runs\n" + "\n".join(problems))
-    if names is None:  # the cross-experiment view needs every table
+    if pareto or (pareto is None and names is None):  # the cross-experiment view needs every table
         written["pareto"] = cross_pareto(all_plans, tables, figures)
     return written
 

@@ -165,28 +165,42 @@ def test_pareto_front():
     assert A.pareto_front(pts) == [(1, 5.0), (2, 4.0), (8, 3.0)]
 
 
-def test_cross_experiment_pareto(eviction, tmp_path):
-    """Runs of two experiments that evaluate the same thing share one memory/quality plane."""
-    qaq = A.plan("qaq_table1", "cpu", eviction)
-    for r in qaq.runs:
-        if r.method == "full":
-            continue  # the same folder as eviction_ppl's masked full cache
-        if r.method == "qaq":
-            e = float(r.get("method.key_error"))
-            _write(r, {"ppl": 3.8 + e, "acc": 0.5, "cache_bytes_peak": int(FULL_BYTES / (4 + 20 * e))})
-            continue
-        bits = r.get("method.bits")
-        _write(r, {"ppl": 3.70 + 0.5 / bits + (0.2 if r.method == "uniform" else 0.0), "acc": 0.5,
-                   "cache_bytes_peak": FULL_BYTES * bits // 16})
-    ev = A.plan("eviction_ppl", "cpu", eviction)
-    qaq = A.plan("qaq_table1", "cpu", eviction)
-    assert not qaq.missing
-    out = A.cross_pareto([ev, qaq], tmp_path / "tables", tmp_path / "figures")
+def test_cross_experiment_pareto(tmp_path):
+    """Runs of two experiments that evaluate the same thing (scale, model, task, seed, mode) share one plane."""
+    task = {"type": "perplexity", "name": "tinystories", "max_tokens": 20000, "window": 512}
+
+    def run(method, kib, ppl, mode="masked", **fields):
+        cfg = {"model": {"name": "stories260k"}, "method": {"name": method, **fields}, "task": {**task, "mode": mode},
+               "seed": 0}
+        d = tmp_path / "runs" / f"{method}-{kib}-{mode}-{len(fields)}"
+        cell = [f"method.{k}={v}" for k, v in fields.items()]
+        return A.Run(cell, cfg, d, {"ppl": ppl, "cache_bytes_peak": int(kib * 1024), "mode": mode}, d / "o.jsonl")
+
+    a = A.Plan("exp_a", "cpu", [run("full", 640, 3.75), run("h2o", 40, 5.0, budget=32), run("h2o", 80, 4.4, budget=64),
+                                run("h2o", 80, 3.9, mode="stream", budget=64)], "")
+    b = A.Plan("exp_b", "cpu", [run("full", 640, 3.75), run("kivi", 80, 3.95, bits=2), run("kivi", 160, 3.8, bits=4),
+                                run("uniform", 160, 4.2, bits=4), run("qaq", 45.7, 4.6, key_error=0.5)], "")
+    out = A.cross_pareto([a, b], tmp_path / "tables", tmp_path / "figures")
+    # one plane (masked); the stream run is alone in its plane (one experiment): no figure for it
     assert [p.name for p in out] == ["pareto.md", "pareto-cpu-stories260k-tinystories-masked.png"]
     md = out[0].read_text()
-    # masked-mode points: eviction at 40/80/160 KiB (streaming_llm best of them), kivi 2 bits at 80 KiB (3.95) and
-    # 4 bits at 160 KiB (3.825), qaq from 45.7 KiB (4.3) to 152.4 KiB (3.81), the full cache at 640 KiB (3.75)
-    front = [line.split(" | ")[0].lstrip("| ") + " " + line.split(" | ")[3] for line in md.splitlines()
-             if line.startswith("| ") and not line.startswith("| method")]
-    assert front == ["streaming_llm 40.0", "qaq 45.7", "kivi 80.0", "qaq 106.7", "qaq 128.0", "qaq 145.5",
-                     "qaq 152.4", "full 640.0"]
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in md.splitlines()
+            if line.startswith("| ") and not line.startswith("| method")]
+    assert [(r[0], r[1], r[2], r[3]) for r in rows] == [
+        ("h2o", "budget=32", "exp_a", "40.0"), ("qaq", "key_error=0.5", "exp_b", "45.7"),
+        ("kivi", "bits=2", "exp_b", "80.0"), ("kivi", "bits=4", "exp_b", "160.0"), ("full", "–", "exp_a", "640.0")]
+
+
+def test_committed_tables_regenerate_byte_for_byte(tmp_path):
+    """`make tables` on the committed results/runs gives back every committed table and figure, byte for byte."""
+    tables, figures = REPO / "results" / "tables", REPO / "results" / "figures"
+    names = sorted(p.stem for p in tables.glob("*.md") if p.stem != "pareto")
+    if not names:
+        pytest.skip("no committed tables")
+    scales = sorted({line.split(",", 1)[0] for n in names for line in (tables / f"{n}.csv").read_text().splitlines()[1:]})
+    out = A.aggregate(names, scales, REPO / "results", tmp_path / "tables", tmp_path / "figures", pareto=True)
+    made = {p.relative_to(tmp_path).as_posix(): p for paths in out.values() for p in paths}
+    committed = {f"tables/{p.name}": p for p in tables.iterdir()} | {f"figures/{p.name}": p for p in figures.iterdir()}
+    assert sorted(made) == sorted(committed)
+    for rel, path in made.items():
+        assert path.read_bytes() == committed[rel].read_bytes(), rel

@@ -98,7 +98,8 @@ def config_hash(cfg: DictConfig) -> str:
             for k in SEMANTIC_KEYS if k in cfg}
     # local asset locations differ between machines without changing the numbers
     blob = json.dumps(data, sort_keys=True, default=str)
-    from kvx.assets import assets_dir
+    from kvx.assets import REPO_ROOT, assets_dir
 
     blob = blob.replace(str(assets_dir(check=False)), "${kvx.assets:}")
+    blob = blob.replace(str(REPO_ROOT), "${kvx.repo:}")  # files inside the checkout (trained kernels) likewise
     return hashlib.sha1(blob.encode()).hexdigest()[:10]

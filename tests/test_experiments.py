@@ -79,3 +79,19 @@ def test_cpu_scale_is_the_same_run_as_by_hand():
                            "task=tinystories", "task.max_tokens=20000", f"task.mode={cell[1]['task']['mode']}"])
     assert config_hash(via) == config_hash(by_hand)
     assert cell[2].endswith(config_hash(by_hand))
+
+
+def test_hash_ignores_where_the_checkout_lives(monkeypatch, tmp_path):
+    """A path inside the repository (LESS's trained kernels) hashes the same from any checkout."""
+    import kvx.assets
+    from kvx.config import config_hash
+
+    here = compose_cfg(["method=less"])
+    kernels = OmegaConf.to_container(here.method, resolve=True)["kernels"]
+    assert kernels.startswith(str(REPO))
+    h = config_hash(here)
+    other = tmp_path / "elsewhere"
+    moved = compose_cfg(["method=less", f"method.kernels={other}{kernels[len(str(REPO)):]}"])
+    assert config_hash(moved) != h
+    monkeypatch.setattr(kvx.assets, "REPO_ROOT", other)
+    assert config_hash(moved) == h

@@ -54,11 +54,16 @@ def test_experiment_is_a_multirun_and_takes_sweeps(tmp_path):
     assert names == ["h2o", "streaming_llm"]
 
 
-def test_qaq_grid_ties_value_error_to_key_error(tmp_path):
-    # the grid's `\${method.key_error}` reaches each run unresolved and resolves there
-    out = run_cli(["-m", "experiment=qaq_table1", "scale=cpu", "method=qaq", "method.key_error=0.3",
-                   "task.max_tokens=100", "progress=false", f"results_dir={tmp_path}"], threads=1)
+def test_qaq_experiment_launches_and_selects(tmp_path):
+    # the whole grid is instantiated (the sweeper config resolves) even when only the full cache is selected
+    out = run_cli(["experiment=qaq_table1", "scale=cpu", "method=full", "task.max_tokens=100", "progress=false",
+                   f"results_dir={tmp_path}"], threads=1)
     assert out.returncode == 0, out.stderr[-3000:]
-    (done,) = _done(tmp_path)
-    cfg = (done.parent / "config.yaml").read_text()
-    assert "key_error: 0.3" in cfg and "value_error: 0.3" in cfg
+    assert [p.parent.parent.name for p in _done(tmp_path)] == ["full"]
+    # a grid value selects its own entry: key and value error targets move together
+    out = run_cli(["experiment=qaq_table1", "scale=cpu", "method.key_error=0.2", "task.max_tokens=100",
+                   "progress=false", f"results_dir={tmp_path}"], threads=1)
+    assert out.returncode == 0, out.stderr[-3000:]
+    (qaq,) = [p for p in _done(tmp_path) if p.parent.parent.name == "qaq"]
+    cfg = (qaq.parent / "config.yaml").read_text()
+    assert "key_error: 0.2" in cfg and "value_error: 0.2" in cfg

@@ -558,7 +558,11 @@ def needle_grid(p: Plan, figures: Path) -> Section:
         maps.append((f"{r.method}" + ("" if b is None else f" {b}"), lengths, depths, grid))
     path = figure_path(figures, p, "heatmaps")
     plot_heatmaps(maps, path, f"{p.experiment} ({p.scale}, {p.runs[0].model}, {runs[0].mode})", metric)
-    main = Table(f"Needle in a haystack ({p.runs[0].model})", cols, rows, [mode_note(runs)])
+    chunk = runs[0].cfg["task"].get("chunk_size")
+    prefill = ("the whole prompt in one forward, evicted down to the budget afterwards" if not chunk
+               else f"the prompt in chunks of {chunk} tokens")
+    notes = [mode_note(runs), f"cache KiB: measured peak, prefill included ({prefill})."]
+    main = Table(f"Needle in a haystack ({p.runs[0].model})", cols, rows, notes)
     return Section(p.scale, p.runs[0].model, main, [], [(f"{metric} by context length and depth", path)])
 
 

@@ -83,6 +83,7 @@ class Plan:
     scale: str
     runs: list[Run]
     command: str
+    same_as: list[str] = field(default_factory=list)  # scales whose runs are these very runs
 
     @property
     def done(self) -> list[Run]:
@@ -115,6 +116,32 @@ def cells(experiment: str, scale: str, extra: tuple[str, ...] = ()) -> tuple[tup
             rel = f"runs/{plain['task']['name']}/{plain['model']['name']}/{plain['method']['name']}/{config_hash(cfg)}"
             out.append((tuple(j for j in job if j not in base), plain, rel))
     return tuple(out)
+
+
+@functools.cache
+def folders(experiment: str, scale: str, extra: tuple[str, ...] = ()) -> tuple[str, ...]:
+    """runs/<task>/<model> folders the experiment's runs can lie in (cheap: one composition per model/task choice)."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    import kvx.config  # noqa: F401  (resolvers)
+
+    base = [f"experiment={experiment}", f"scale={scale}", *extra]
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        root = compose(config_name="config", overrides=base, return_hydra_config=True)
+        sweeper = OmegaConf.to_container(root.hydra.sweeper, resolve=True)
+        choices = {"model": {None}, "task": {None}}
+        for grid in [sweeper.get("params") or {}, *(sweeper.get("grids") or [])]:
+            for key, values in grid.items():
+                if key in choices:
+                    choices[key] |= {v.strip() for v in str(values).split(",")}
+        out = set()
+        for m in choices["model"]:
+            for t in choices["task"]:
+                cfg = compose(config_name="config", overrides=base + [f"{k}={v}" for k, v in (("model", m), ("task", t))
+                                                                      if v is not None])
+                out.add(f"runs/{cfg.task.name}/{cfg.model.name}")
+    return tuple(sorted(out))
 
 
 def plan(experiment: str, scale: str, results: Path, extra: list[str] = ()) -> Plan:
@@ -593,17 +620,17 @@ def generic(p: Plan, figures: Path) -> Section:
 
 # ---------------------------------------------------------------------------------------------------------------------
 def describe(experiment: str) -> list[str]:
-    """The experiment file's leading comment (without command lines)."""
+    """The experiment file's leading comment, up to its first command line or a line ending in a colon."""
     lines = []
     for line in (CONFIGS / "experiment" / f"{experiment}.yaml").read_text(encoding="utf-8").splitlines():
         if line.startswith("# @package"):
             continue
-        if not line.startswith("#"):
+        text = line[1:].strip() if line.startswith("#") else None
+        if not text or text.startswith(("python ", "make ")):
             break
-        text = line[1:].strip()
-        if text.startswith("python ") or text.startswith("make "):
-            continue
-        lines.append(text)
+        lines.append(text.rstrip(":"))
+        if text.endswith(":"):
+            break
     return [" ".join(lines)] if lines else []
 
 
@@ -622,6 +649,9 @@ def write(experiment: str, sections: list[Section], plans: list[Plan], out: Path
             f"python scripts/aggregate.py --experiment {experiment} --scale {s.scale} "
             + p.command.split(f"scale={s.scale} ", 1)[1])
         md += [f"## scale={s.scale} · model {s.model}", "", f"Reproduce: `{p.command}`, then `{then}`.", ""]
+        if p.same_as:
+            md += [f"(This experiment has no {'/'.join(p.same_as)} variant: `scale={p.same_as[0]}` runs these same "
+                   "runs.)", ""]
         md.append(s.main.markdown())
         for t in s.extra:
             md.append(t.markdown())
@@ -646,8 +676,8 @@ def write(experiment: str, sections: list[Section], plans: list[Plan], out: Path
 
 def cross_pareto(plans: list[Plan], tables: Path, figures: Path) -> list[Path]:
     """Quality against measured cache bytes for every method of every experiment that evaluates the same thing
-    (same scale, model, task settings, seed and mode): one figure per such group that spans two or more experiments,
-    and results/tables/pareto.md with the points on each front."""
+    (same scale, model, task settings, seed and mode): one figure per such group that spans two or more experiments
+    and methods, and results/tables/pareto.md with the points on each front."""
     groups: dict[str, list[tuple[str, Run]]] = {}
     for p in plans:
         for r in p.done:
@@ -655,13 +685,17 @@ def cross_pareto(plans: list[Plan], tables: Path, figures: Path) -> list[Path]:
                 continue
             task = {k: v for k, v in r.cfg["task"].items() if k != "mode"}
             key = json.dumps([p.scale, r.cfg["model"], task, r.cfg["seed"], r.mode], sort_keys=True)
-            if all(r.run_dir != o.run_dir for _, o in groups.get(key, [])):
-                groups.setdefault(key, []).append((p.experiment, r))
+            members = groups.setdefault(key, [])
+            same = [i for i, (_, o) in enumerate(members) if o.run_dir == r.run_dir]
+            if same:  # one run, several experiments
+                members[same[0]] = (f"{members[same[0]][0]}, {p.experiment}", members[same[0]][1])
+            else:
+                members.append((p.experiment, r))
     md, written = ["# Pareto view: quality against measured cache, across experiments", ""], []
     for key, members in sorted(groups.items()):
-        exps = sorted({e for e, _ in members})
-        if len(exps) < 2:
-            continue
+        exps = sorted({x for e, _ in members for x in e.split(", ")})
+        if len(exps) < 2 or len({r.method for _, r in members if r.method != "full"}) < 2:
+            continue  # one experiment or one method: its own table shows it
         scale, model, task, _, mode = json.loads(key)
         name = f"pareto-{scale}-{model['name']}-{task['name']}-{mode}"
         series: dict[str, list[tuple[float, float]]] = {}
@@ -705,6 +739,8 @@ def aggregate(names: list[str] | None, scales: list[str] | None, results: Path, 
             raise SystemExit(f"aggregate: no experiment {name!r} in configs/experiment (known: {', '.join(experiments())})")
         plans = []
         for scale in scales or SCALES:
+            if not scales and not any((results / f).is_dir() for f in folders(name, scale, tuple(extra))):
+                continue  # nothing of this experiment at this scale (and the scale was not asked for)
             p = plan(name, scale, results, list(extra))
             if not p.done and not scales:
                 continue
@@ -713,6 +749,10 @@ def aggregate(names: list[str] | None, scales: list[str] | None, results: Path, 
                 problems.append(f"{name} (scale={scale}): {len(p.missing)} of {len(p.runs)} runs missing; make "
                                 f"them with `{p.command}`:\n" + "\n".join(lines))
                 continue
+            twin = [q for q in plans if [r.run_dir for r in q.runs] == [r.run_dir for r in p.runs]]
+            if twin:  # no variant for one of the scales: one section, under the later scale (cpu)
+                plans.remove(twin[0])
+                p.same_as = [*twin[0].same_as, twin[0].scale]
             plans.append(p)
         if not plans:
             if names and not problems:

@@ -15,7 +15,7 @@ def test_experiment_runs_are_grouped_in_wandb(tmp_path, monkeypatch):
     monkeypatch.delenv("WANDB_MODE", raising=False)
     cfg = compose_cfg(["experiment=eviction_ppl", "scale=cpu", "logger=wandb", "method=streaming_llm",
                        "method.budget=32", "task.mode=masked", "task.max_tokens=600", "progress=false",
-                       f"results_dir={tmp_path}"], threads=1)
+                       f"results_dir={tmp_path}"])
     assert cfg.logger.name == "wandb" and cfg.logger.group == "eviction_ppl-cpu"
     import wandb
 

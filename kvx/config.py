@@ -30,6 +30,21 @@ def register_resolvers() -> None:
 register_resolvers()
 
 
+def register_hydra_plugins() -> None:
+    """Make kvx's Hydra plugins (the `grid` sweeper) discoverable: Hydra scans the `hydra_plugins` namespace package,
+    whose search path gets kvx/_plugins/hydra_plugins added here (run.py and the tests import this module first)."""
+    from pathlib import Path
+
+    import hydra_plugins
+
+    path = str(Path(__file__).resolve().parent / "_plugins" / "hydra_plugins")
+    if path not in list(hydra_plugins.__path__):
+        hydra_plugins.__path__.append(path)
+
+
+register_hydra_plugins()
+
+
 def _load_plugins() -> None:
     import kvx.methods  # noqa: F401  (registers methods)
     import kvx.tasks  # noqa: F401  (registers tasks)

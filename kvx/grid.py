@@ -2,7 +2,7 @@
 
 `hydra.sweeper.params` is Hydra's basic grid (`key: "v1,v2"`, each key crossed with the others). A table is rarely
 one rectangle (the full cache has no budget; a method without a mask form runs in stream mode only), so the `grid`
-sweeper (hydra_plugins/kvx_grid_sweeper, selected with `override /hydra/sweeper: grid`) also reads
+sweeper (kvx/_plugins/hydra_plugins/kvx_grid_sweeper, selected with `override /hydra/sweeper: grid`) also reads
 `hydra.sweeper.grids`: a list of grids, each merged over `params` (its keys win) and expanded on its own; the runs
 are the union, in order, without repeats. On the command line, `task.mode=masked` or `method=h2o` (values the
 grids sweep) selects those runs, `method.budget=16` (a value they do not) replaces the budgets where budgets are

@@ -427,16 +427,6 @@ def fit_layer(data: LayerData, o_proj, settings: TrainSettings, train_idx: list[
 # the whole run
 
 
-def _plain(node) -> dict:
-    from omegaconf import DictConfig, OmegaConf
-
-    if node is None:
-        return {}
-    if isinstance(node, DictConfig):
-        return OmegaConf.to_container(node, resolve=True)
-    return dict(node)
-
-
 def portable(obj):
     """obj with the local assets folder written as ${kvx.assets:} in every string (records travel between machines)."""
     from kvx.assets import assets_dir
@@ -487,7 +477,7 @@ def train_less(cfg: Any) -> dict:
 
     cfg: the composed configs/train_less.yaml (model, method = the eviction policy, train_data, logger, settings).
     Returns {"out_dir", "layers": {i: metrics}}."""
-    from kvx.config import build_dataclass, build_model_config
+    from kvx.config import _plain, build_dataclass, build_model_config
     from kvx.engine import arch_info
     from kvx.models import load_model
     from kvx.tracking import make_logger

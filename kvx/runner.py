@@ -65,7 +65,8 @@ def environment(device: str) -> dict:
             ["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, check=True
         ).stdout.strip()
         env["git_dirty"] = bool(
-            subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT,
+            # results/ is where runs are written: a sweep rewriting its own earlier runs does not dirty the code
+            subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":!results"], cwd=REPO_ROOT,
                            capture_output=True, text=True, check=True).stdout.strip()
         )
     except (OSError, subprocess.CalledProcessError):

@@ -85,6 +85,39 @@ def build_method(node):
     return method
 
 
+def build_nested_method(values, field_name: str, refuse: str | None = None, expected: str = "an eviction method's config",
+                        evicts_nothing: str = "evicts nothing; give an eviction method"):
+    """Build and validate an eviction method configured inside another method (LESS's `base`, a quantized method's
+    `evict`); errors name `<field_name>.<field>`. `refuse(name)` returns why a method name is not allowed there."""
+    from kvx.methods.base import Method
+
+    if isinstance(values, DictConfig):
+        values = OmegaConf.to_container(values, resolve=True)
+    if isinstance(values, Method):
+        return values
+    if not isinstance(values, dict) or "name" not in values:
+        raise ConfigError(field_name, f"must be {expected} with a name, e.g. "
+                                      f"{{name: streaming_llm, budget: 64, sink: 4}}; got {values!r}")
+    _load_plugins()
+    name = values["name"]
+    why = refuse(name) if refuse is not None else None
+    if why:
+        raise ConfigError(f"{field_name}.name", why)
+    try:
+        cls = METHODS.get(name)
+    except ConfigError as e:
+        raise ConfigError(f"{field_name}.name", str(e).split(": ", 1)[-1]) from e
+    method = build_dataclass(cls, dict(values), field_name)
+    try:
+        method.validate()
+    except ConfigError as e:
+        sub = e.field[len("method."):] if e.field.startswith("method.") else e.field
+        raise ConfigError(f"{field_name}.{sub}", str(e).split(": ", 1)[-1]) from e
+    if not method.compresses:
+        raise ConfigError(f"{field_name}.name", f"{name!r} {evicts_nothing}")
+    return method
+
+
 def build_task(node):
     _load_plugins()
     values = _plain(node)

@@ -7,6 +7,8 @@ position its key was rotated with `rpos` (equal to `pos` unless a method re-inde
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 import torch
 
 from kvx.kernels import reference, use_triton
@@ -16,26 +18,30 @@ def _nbytes(*tensors: torch.Tensor | None) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
-class Store:
-    """Interface of a storage layer (see DenseStore for the reference implementation)."""
+class Store(ABC):
+    """What every storage layer offers policies: `n`, `pos`, `keys()`, `keep(idx)` and the bytes it holds.
 
-    n: int
+    Stores that hold tensors for stream mode (DenseStore and those built on it) add `attend` and `append`; the
+    masked-mode IndexStore holds indices instead and is filled with `append_index`."""
 
-    def attend(self, q, k_new, v_new, pos_new, qpos, scaling, return_probs=False):  # pragma: no cover - interface
-        raise NotImplementedError
+    pos: torch.Tensor | None
 
-    def append(self, k_new, v_new, pos_new) -> None:  # pragma: no cover - interface
-        raise NotImplementedError
+    @property
+    @abstractmethod
+    def n(self) -> int:
+        """Slots held per (sequence, KV head)."""
 
-    def keep(self, idx: torch.Tensor) -> dict | None:  # pragma: no cover - interface
-        raise NotImplementedError
+    @abstractmethod
+    def keys(self) -> torch.Tensor:
+        """The kept keys, [B, Hkv, n, D] (dequantized for quantized stores)."""
 
-    def keys(self) -> torch.Tensor:  # pragma: no cover - interface
-        raise NotImplementedError
+    @abstractmethod
+    def keep(self, idx: torch.Tensor) -> dict | None:
+        """Keep slots idx [B, Hkv, m]; return the evicted tokens ({k, v, pos, rpos}) where the store has them."""
 
+    @abstractmethod
     def nbytes(self) -> int:
         """Bytes of the key/value payload actually held (codes, scales and state included, indices excluded)."""
-        raise NotImplementedError  # pragma: no cover - interface
 
     def aux_nbytes(self) -> int:
         """Bytes of bookkeeping held beside the payload (token indices)."""

@@ -17,6 +17,7 @@ In masked mode the same calls run against an IndexStore, one token at a time, in
 from __future__ import annotations
 
 import dataclasses
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -81,7 +82,7 @@ class LayerPolicy:
         pass
 
 
-class ScoredPolicy(LayerPolicy):
+class ScoredPolicy(LayerPolicy, ABC):
     """A policy that keeps a score per stored slot and evicts to a budget.
 
     Subclasses implement `select(store, m) -> idx [B, Hkv, m]`. Lazy eviction: before t < budget new tokens are
@@ -121,8 +122,9 @@ class ScoredPolicy(LayerPolicy):
         if store.n > self.budget:
             self.evict_to(store, self.budget)
 
-    def select(self, store: Store, m: int) -> torch.Tensor:  # pragma: no cover - interface
-        raise NotImplementedError
+    @abstractmethod
+    def select(self, store: Store, m: int) -> torch.Tensor:
+        """Indices [B, Hkv, m] of the slots to keep."""
 
 
 def recency_rank(pos: torch.Tensor) -> torch.Tensor:

@@ -16,6 +16,7 @@ KV head's selection serves all the query heads that read it.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -105,7 +106,7 @@ def layer_budgets(total: int, n_layers: int, schedule: str = "uniform", reserved
 
 # methods -------------------------------------------------------------------------------------------------------------
 @dataclass
-class EvictionMethod(Method):
+class EvictionMethod(Method, ABC):
     """Base of the eviction methods: a budget (per KV head and layer), what fractions refer to, a layer schedule.
 
     Subclasses write `build_policy(layer_idx, budget, reserved, arch)` and, when part of the budget is a fixed window,
@@ -172,8 +173,9 @@ class EvictionMethod(Method):
             return WithinBudget(budget, seq_len, layer_idx)
         return self.build_policy(layer_idx, budget, reserved, arch)
 
+    @abstractmethod
     def build_policy(self, layer_idx: int, budget: int, reserved: int, arch: ArchInfo) -> LayerPolicy:
-        raise NotImplementedError  # pragma: no cover - interface
+        """The policy of one layer, given its budget and the slots reserved beside it."""
 
 
 class WithinBudget(LayerPolicy):
@@ -255,8 +257,9 @@ class AttentionPolicy(BudgetPolicy):
         qpos = store.pos[:, 0, -t:].long()  # [B, t]
         self.absorb(store, probs.float().view(B, Hkv, Hq // Hkv, t, N), qpos)
 
-    def absorb(self, store: Store, probs: torch.Tensor, qpos: torch.Tensor) -> None:  # pragma: no cover - interface
-        raise NotImplementedError
+    @abstractmethod
+    def absorb(self, store: Store, probs: torch.Tensor, qpos: torch.Tensor) -> None:
+        """Fold one step's attention into the slot scores."""
 
 
 def readable(spos: torch.Tensor, qpos: torch.Tensor) -> torch.Tensor:

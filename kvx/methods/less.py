@@ -40,32 +40,15 @@ def model_key(name_or_path: str) -> str:
 
 def build_policy_method(values: Any, field_name: str = "method.base") -> Method:
     """Build and validate the eviction method LESS completes; errors name `method.base.<field>`."""
-    from omegaconf import DictConfig, OmegaConf
+    from kvx.config import build_nested_method
 
-    from kvx.config import _load_plugins, build_dataclass
+    def refuse(name: str) -> str | None:
+        if name == "less":
+            return "LESS cannot complete itself; give an eviction method (h2o, streaming_llm, ...)"
+        return None
 
-    if isinstance(values, DictConfig):
-        values = OmegaConf.to_container(values, resolve=True)
-    if isinstance(values, Method):
-        return values
-    if not isinstance(values, dict) or "name" not in values:
-        raise ConfigError(field_name, f"must be an eviction method's config with a name, e.g. "
-                                      f"{{name: streaming_llm, budget: 64, sink: 4}}; got {values!r}")
-    _load_plugins()
-    name = values["name"]
-    if name == "less":
-        raise ConfigError(f"{field_name}.name", "LESS cannot complete itself; give an eviction method (h2o, streaming_llm, ...)")
-    cls = METHODS.get(name)
-    method = build_dataclass(cls, dict(values), field_name)
-    try:
-        method.validate()
-    except ConfigError as e:
-        sub = e.field[len("method."):] if e.field.startswith("method.") else e.field
-        raise ConfigError(f"{field_name}.{sub}", str(e).split(": ", 1)[-1]) from e
-    if not method.compresses:
-        raise ConfigError(f"{field_name}.name", f"{name!r} evicts nothing, so LESS would have nothing to absorb; "
-                                                 "give an eviction method (h2o, streaming_llm, ...)")
-    return method
+    return build_nested_method(values, field_name, refuse, evicts_nothing="evicts nothing, so LESS would have "
+                               "nothing to absorb; give an eviction method (h2o, streaming_llm, ...)")
 
 
 def policy_record(method: Method) -> dict:

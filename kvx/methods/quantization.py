@@ -10,6 +10,7 @@ quantized store: `ComposedPolicy` runs the eviction policy's hooks first, then t
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,7 +18,6 @@ from kvx.cache.dense import DenseStore
 from kvx.cache.quantized import BitBoard, QAQConfig, QuantizedStore, QuantSpec
 from kvx.errors import ConfigError
 from kvx.methods.base import ArchInfo, LayerPolicy, Method
-from kvx.registry import METHODS
 
 QUANT_METHODS = ("uniform", "kivi", "qaq")
 
@@ -73,36 +73,18 @@ class ComposedPolicy(LayerPolicy):
 
 def build_evict_method(values: Any, field_name: str = "method.evict") -> Method | None:
     """Build and validate the eviction method a quantized method runs under; errors name `method.evict.<field>`."""
-    from omegaconf import DictConfig, OmegaConf
-
-    from kvx.config import _load_plugins, build_dataclass
+    from kvx.config import build_nested_method
 
     if values is None or (isinstance(values, dict) and not values):
         return None
-    if isinstance(values, DictConfig):
-        values = OmegaConf.to_container(values, resolve=True)
-    if isinstance(values, Method):
-        return values
-    if not isinstance(values, dict) or "name" not in values:
-        raise ConfigError(field_name, f"must be null or an eviction method's config with a name, e.g. "
-                                      f"{{name: streaming_llm, budget: 64, sink: 4}}; got {values!r}")
-    _load_plugins()
-    name = values["name"]
-    if name in QUANT_METHODS:
-        raise ConfigError(f"{field_name}.name", f"{name!r} quantizes; give an eviction method (h2o, streaming_llm, ...)")
-    try:
-        cls = METHODS.get(name)
-    except ConfigError as e:
-        raise ConfigError(f"{field_name}.name", str(e).split(": ", 1)[-1]) from e
-    method = build_dataclass(cls, dict(values), field_name)
-    try:
-        method.validate()
-    except ConfigError as e:
-        sub = e.field[len("method."):] if e.field.startswith("method.") else e.field
-        raise ConfigError(f"{field_name}.{sub}", str(e).split(": ", 1)[-1]) from e
-    if not method.compresses:
-        raise ConfigError(f"{field_name}.name", f"{name!r} evicts nothing; give an eviction method or evict: null")
-    return method
+
+    def refuse(name: str) -> str | None:
+        if name in QUANT_METHODS:
+            return f"{name!r} quantizes; give an eviction method (h2o, streaming_llm, ...)"
+        return None
+
+    return build_nested_method(values, field_name, refuse, expected="null or an eviction method's config",
+                               evicts_nothing="evicts nothing; give an eviction method or evict: null")
 
 
 def check_int(value, field: str, lo: int, hi: int | None = None) -> None:
@@ -122,7 +104,7 @@ def check_axis(value, field: str) -> None:
 
 
 @dataclass
-class QuantMethod(Method):
+class QuantMethod(Method, ABC):
     """Base of the quantized methods. Subclasses define `specs(arch)` and, for QAQ, `qaq_config()`."""
 
     compresses = True
@@ -174,8 +156,9 @@ class QuantMethod(Method):
     def spec_fields(self) -> tuple[str, str]:
         return "method.group_size", "method.group_size"
 
-    def specs(self, arch: ArchInfo) -> tuple[QuantSpec, QuantSpec]:  # pragma: no cover - interface
-        raise NotImplementedError
+    @abstractmethod
+    def specs(self, arch: ArchInfo) -> tuple[QuantSpec, QuantSpec]:
+        """How keys and values are quantized (bits, grouping axis, group size)."""
 
     def qaq_config(self) -> QAQConfig | None:
         return None

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,7 +34,7 @@ class RunContext:
 
 
 @dataclass
-class Task:
+class Task(ABC):
     type: str = ""
     name: str = ""
     mode: str = "stream"  # stream: real decoding through the cache; masked: one parallel forward with the policy's mask
@@ -47,8 +48,9 @@ class Task:
         if self.limit is not None and self.limit <= 0:
             raise ConfigError("task.limit", f"must be a positive number of examples or null, got {self.limit}")
 
-    def run(self, engine, ctx: RunContext) -> TaskResult:  # pragma: no cover - interface
-        raise NotImplementedError
+    @abstractmethod
+    def run(self, engine, ctx: RunContext) -> TaskResult:
+        """Read the examples, run them through the engine, score them."""
 
     def describe(self) -> dict:
         return dataclasses.asdict(self)

@@ -285,24 +285,31 @@ class Engine:
         return nll, stats
 
     def loglikelihood(
-        self, context: list[int], continuation: list[int], mode: str = "stream", chunk_size: int | None = None
+        self, context: list[int], continuation: list[int], mode: str = "stream", chunk_size: int | None = None,
+        stats: dict | None = None,
     ) -> tuple[float, bool]:
         """log p(continuation | context) and whether the continuation is the greedy one.
 
-        The context goes through the method's cache first (compressed as the method does); the continuation is then
-        scored in one step (stream) or the whole sequence in one masked forward (masked)."""
-        ids = torch.tensor([context + continuation], device=self.device)
+        The context goes through the method's cache first (compressed as the method does); the continuation then
+        follows in one step (stream), or the whole sequence goes through one masked forward (masked). As in
+        lm-eval's HF model, the last continuation token is never fed. `stats` (if given) gets the peak cache bytes."""
         n = len(continuation)
+        inp = torch.tensor([(context + continuation)[:-1]], device=self.device)  # [1, T]
         if mode == "masked":
-            cache = self.new_cache(1, seq_len=ids.shape[1], mode="masked")
-            logits = self.forward(cache, ids)[0, -n - 1 : -1]
+            cache = self.new_cache(1, seq_len=inp.shape[1], mode="masked")
+            logits = self.forward(cache, inp)[0, -n:]  # [n, V]
+            peak = cache.masked_peak_bytes(1)
         else:
-            cache = self.new_cache(1, seq_len=ids.shape[1])
-            ctx_logits = self.prefill(cache, ids[:, : len(context)], None, chunk_size)
-            cont_logits = self.forward(cache, ids[:, len(context) :])
-            logits = torch.cat([ctx_logits[:, -1:], cont_logits[:, :-1]], dim=1)[0]
-        lp = torch.log_softmax(logits, dim=-1)
-        tgt = torch.tensor(continuation, device=self.device)
+            cache = self.new_cache(1, seq_len=inp.shape[1])
+            parts = [self.prefill(cache, inp[:, : len(context)], None, chunk_size, last_only=True)]  # [1, 1, V]
+            if n > 1:
+                parts.append(self.forward(cache, inp[:, len(context) :]))  # [1, n - 1, V]
+            logits = torch.cat(parts, dim=1)[0]
+            peak = cache.peak_bytes
+        if stats is not None:
+            stats["cache_bytes_peak"] = max(stats.get("cache_bytes_peak", 0), peak)
+        lp = torch.log_softmax(logits.float(), dim=-1)
+        tgt = torch.tensor(continuation, device=lp.device)
         total = float(lp.gather(-1, tgt[:, None]).sum())
         greedy = bool((lp.argmax(-1) == tgt).all())
         return total, greedy

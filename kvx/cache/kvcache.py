@@ -124,6 +124,7 @@ class KVXCache(Cache):
         self.seen = torch.zeros(batch_size, dtype=torch.long, device=self.device)
         self.step_pos: torch.Tensor | None = None
         self._bytes = [0] * arch.n_layers
+        self._total = 0
         self.peak_bytes = 0
         self.masked_peak = [0] * arch.n_layers
 
@@ -138,8 +139,10 @@ class KVXCache(Cache):
 
     # bookkeeping -------------------------------------------------------------------------------------------------
     def note_bytes(self, layer_idx: int, store, extra: int = 0) -> None:
-        self._bytes[layer_idx] = store.nbytes()
-        total = sum(self._bytes) + extra
+        new = store.nbytes()
+        self._total += new - self._bytes[layer_idx]  # a running sum: no pass over the layers on the decode path
+        self._bytes[layer_idx] = new
+        total = self._total + extra
         if total > self.peak_bytes:
             self.peak_bytes = total
 
@@ -161,7 +164,9 @@ class KVXCache(Cache):
             if nll is not None:
                 layer.policy.observe_token_nll(layer.store, nll)
             layer.policy.end_step(layer.store)
-            self._bytes[layer.layer_idx] = layer.store.nbytes()
+            new = layer.store.nbytes()
+            self._total += new - self._bytes[layer.layer_idx]
+            self._bytes[layer.layer_idx] = new
 
     def extra_stats(self) -> dict:
         """Counters beside the payload: policy score buffers, and the bits held as the QAQ paper counts them

@@ -182,28 +182,12 @@ class KVXLM(TemplateLM):
         """log p(continuation | context) through the method's cache, and whether the continuation is greedy.
 
         Too long: the context is cut from the left to max_length + 1 tokens in all (HFLM's rule)."""
-        eng = self.engine
-        full = (context + continuation)[-(self.max_length + 1) :]
         n = len(continuation)
-        inp = torch.tensor([full[:-1]], device=eng.device)  # [1, T]
-        ctx_len = len(full) - n
-        if self.mode == "masked":
-            cache = eng.new_cache(1, seq_len=inp.shape[1], mode="masked")
-            logits = eng.forward(cache, inp)[0, -n:]  # [n, V]
-            self.cache_bytes_peak = max(self.cache_bytes_peak, cache.masked_peak_bytes(1))
-        else:
-            cache = eng.new_cache(1, seq_len=inp.shape[1])
-            ctx_logits = eng.prefill(cache, inp[:, :ctx_len], None, self.chunk_size)[:, -1:]  # [1, 1, V]
-            parts = [ctx_logits]
-            if n > 1:
-                parts.append(eng.forward(cache, inp[:, ctx_len:]))  # [1, n-1, V]
-            logits = torch.cat(parts, dim=1)[0]
-            self.cache_bytes_peak = max(self.cache_bytes_peak, cache.peak_bytes)
-        logp = torch.log_softmax(logits.float(), dim=-1)
-        target = torch.tensor(continuation[-n:], device=logp.device)
-        total = float(logp.gather(-1, target[:, None]).sum())
-        greedy = bool((logp.argmax(-1) == target).all())
-        return total, greedy
+        full = (context + continuation)[-(self.max_length + 1) :]
+        stats: dict = {}
+        res = self.engine.loglikelihood(full[:-n], full[-n:], self.mode, self.chunk_size, stats)
+        self.cache_bytes_peak = max(self.cache_bytes_peak, stats["cache_bytes_peak"])
+        return res
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
         out = []

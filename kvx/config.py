@@ -1,7 +1,7 @@
 """Config validation: every field of model, method and task is checked against its dataclass before a model loads.
 
-Also registers the OmegaConf resolvers the YAML files use: `${kvx.assets:}` (the assets folder, from $KVX_ASSETS)
-and `${kvx.repo:}` (the repository root).
+Also registers the OmegaConf resolvers the YAML files use: `${kvx.assets:}` (the assets folder, from $KVX_ASSETS),
+`${kvx.repo:}` (the repository root) and `${kvx.model_name:...}` (a model's label from its path, kvx/models.py).
 """
 
 from __future__ import annotations
@@ -25,6 +25,10 @@ def register_resolvers() -> None:
         OmegaConf.register_new_resolver("kvx.assets", lambda: str(assets_dir(check=False)))
     if not OmegaConf.has_resolver("kvx.repo"):
         OmegaConf.register_new_resolver("kvx.repo", lambda: str(REPO_ROOT))
+    if not OmegaConf.has_resolver("kvx.model_name"):
+        from kvx.models import model_name
+
+        OmegaConf.register_new_resolver("kvx.model_name", model_name)
 
 
 register_resolvers()

@@ -14,11 +14,27 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.floa
           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "auto": "auto"}
 
 
+def name_from_path(path: str) -> str:
+    """The label results are filed under when none is given: a folder's or file's name (`.gguf` dropped), or a hub
+    id's repository name (`meta-llama/Llama-2-7b-hf` -> `Llama-2-7b-hf`)."""
+    base = str(path).rstrip("/").rsplit("/", 1)[-1]
+    return base[: -len(".gguf")] if base.endswith(".gguf") else base
+
+
+def model_name(path: str, own_path: str | None = None, own_name: str | None = None) -> str:
+    """configs/model/*.yaml: `name: ${kvx.model_name:${.name_or_path},<own path>,<own name>}` is the file's own
+    label while the path is its own, and the path's name once `model.name_or_path` is overridden."""
+    if own_name is not None and str(path) == str(own_path):
+        return str(own_name)
+    return name_from_path(path)
+
+
 @dataclass
 class ModelConfig:
-    """configs/model/*.yaml. `name` labels results; `name_or_path` is a hub id, a folder or a .gguf file."""
+    """configs/model/*.yaml. `name` labels results (default: derived from `name_or_path`); `name_or_path` is a hub id,
+    a folder or a .gguf file."""
 
-    name: str = "stories260k"
+    name: str = ""
     name_or_path: str = ""
     dtype: str = "float32"
     device: str = "cpu"  # cpu | cuda | auto
@@ -38,6 +54,10 @@ class ModelConfig:
     vocab_size: int = 32000
     max_position_embeddings: int = 32768
     rope_theta: float = 10000.0
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            self.name = "random" if self.random else name_from_path(self.gguf_file or self.name_or_path)
 
     def validate(self) -> None:
         if self.dtype not in DTYPES:

@@ -13,7 +13,8 @@ def _names(group):
 
 @pytest.mark.parametrize("name", _names("model"))
 def test_model_configs(name):
-    cfg = compose_cfg([f"model={name}"] + (["model.name_or_path=/x/model.gguf"] if name == "gguf" else []))
+    path = {"gguf": ["model.name_or_path=/x/model.gguf"], "hf": ["model.name_or_path=org/Some-Model"]}.get(name, [])
+    cfg = compose_cfg([f"model={name}"] + path)
     mc = build_model_config(cfg.model)
     assert mc.name
 

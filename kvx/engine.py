@@ -18,7 +18,7 @@ from transformers import AttentionInterface
 
 from kvx.cache.kvcache import KVXCache
 from kvx.errors import ConfigError, UnsupportedModelError
-from kvx.methods.base import ArchInfo, Method
+from kvx.methods.base import ArchInfo, LayerPolicy, Method
 
 _ACTIVE: contextvars.ContextVar[KVXCache | None] = contextvars.ContextVar("kvx_active_cache", default=None)
 ATTN_NAME = "kvx"
@@ -59,6 +59,46 @@ def arch_info(model) -> ArchInfo:
     dtype = next(model.parameters()).dtype
     model_id = str(getattr(cfg, "_name_or_path", "") or "")
     return ArchInfo(n_layers, n_heads, n_kv, head_dim, max_pos, torch.finfo(dtype).bits // 8, model_id)
+
+
+class _ContextOnly(LayerPolicy):
+    """A layer's policy while the first `n_ctx` tokens go in, then none (masked mode of `continuation_logprobs`).
+
+    Tokens are counted as they are appended; from token `n_ctx` on nothing is evicted or scored, so later queries
+    read the store as the policy left it after the context, plus the tokens since."""
+
+    def __init__(self, inner: LayerPolicy, n_ctx: int):
+        self.inner = inner
+        self.n_ctx = n_ctx
+        self.count = 0  # tokens appended so far
+        self.needs_probs = inner.needs_probs
+
+    def _live(self) -> bool:
+        return self.count < self.n_ctx
+
+    def before_attend(self, store, t: int) -> None:
+        if self._live():
+            self.inner.before_attend(store, t)
+
+    def observe(self, store, q, probs) -> None:
+        if self._live():
+            self.inner.observe(store, q, probs)
+
+    def on_append(self, store, t: int) -> None:
+        live = self._live()
+        self.count += t
+        if live:
+            self.inner.on_append(store, t)
+
+    def end_step(self, store) -> None:
+        if self.count <= self.n_ctx:  # the step that appended the last context token still compresses
+            self.inner.end_step(store)
+
+    def observe_token_nll(self, store, nll) -> None:
+        pass  # reported after the whole parallel forward, when the mask is already decided
+
+    def nbytes(self) -> int:
+        return self.inner.nbytes() if hasattr(self.inner, "nbytes") else 0
 
 
 @dataclass
@@ -117,16 +157,20 @@ class Engine:
             _ACTIVE.reset(token)
 
     @torch.inference_mode()
-    def forward(self, cache: KVXCache, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
+    def forward(self, cache: KVXCache, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                frozen: bool = False):
         """Run t new tokens through the model and the cache. input_ids [B, t]; attention_mask [B, t] (0 = padding).
+        `frozen`: the method's engine hooks are skipped (the cache takes the tokens as they come; see
+        `continuation_logprobs`).
 
         Returns logits [B, t, V] (fp32)."""
         input_ids = input_ids.to(self.device)
         B, t = input_ids.shape
-        limit = self.method.max_chunk(cache)
-        if limit is not None and t > limit:  # the method takes at most `limit` tokens per forward (a pot)
-            return self.prefill(cache, input_ids, attention_mask)
-        self.method.before_forward(self, cache, t)
+        if not frozen:
+            limit = self.method.max_chunk(cache)
+            if limit is not None and t > limit:  # the method takes at most `limit` tokens per forward (a pot)
+                return self.prefill(cache, input_ids, attention_mask)
+            self.method.before_forward(self, cache, t)
         real = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.to(self.device).bool()
         pos = cache.seen[:, None] + real.long().cumsum(dim=1) - 1  # [B, t]
         pos = torch.where(real, pos, torch.full_like(pos, -1))
@@ -288,31 +332,51 @@ class Engine:
         self, context: list[int], continuation: list[int], mode: str = "stream", chunk_size: int | None = None,
         stats: dict | None = None,
     ) -> tuple[float, bool]:
-        """log p(continuation | context) and whether the continuation is the greedy one.
+        """log p(continuation | context) and whether the continuation is the greedy one (see `continuation_logprobs`).
 
-        The context goes through the method's cache first (compressed as the method does); the continuation then
-        follows in one step (stream), or the whole sequence goes through one masked forward (masked). As in
-        lm-eval's HF model, the last continuation token is never fed. `stats` (if given) gets the peak cache bytes."""
+        `stats` (if given) gets the peak cache bytes."""
+        lp, greedy = self.continuation_logprobs(context, continuation, mode, chunk_size, stats)
+        return float(lp.sum()), bool(greedy.all())
+
+    def continuation_logprobs(
+        self, context: list[int], continuation: list[int], mode: str = "stream", chunk_size: int | None = None,
+        stats: dict | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """log p of each continuation token [n] and whether it is the greedy one [n], under one causal protocol.
+
+        The context but its last token goes through the method's cache (stream: prefilled in chunks of chunk_size,
+        compressed as the method compresses any prompt; masked: one token at a time under the method's mask) and
+        is left compressed to the budget. From then on the cache is frozen: the last context token and the
+        continuation (never its last token, as in lm-eval's HF model) are appended without eviction, so every
+        continuation token is predicted from that compressed context plus the tokens before it, whatever the
+        continuation's length. A token's score therefore never depends on the tokens after it, and endings of
+        different lengths are scored under the same context budget. A fractional budget refers to the context."""
         n = len(continuation)
+        if n == 0:
+            raise ConfigError("continuation", "is empty; a log-likelihood request needs at least one token")
+        if not context:
+            raise ConfigError("context", "is empty; give at least one token (lm-eval uses the BOS/EOS prefix)")
         inp = torch.tensor([(context + continuation)[:-1]], device=self.device)  # [1, T]
+        c = len(context) - 1  # tokens compressed by the method; the rest are scored over the frozen cache
+        cache = self.new_cache(1, seq_len=max(c, 1), mode=mode)
         if mode == "masked":
-            cache = self.new_cache(1, seq_len=inp.shape[1], mode="masked")
-            logits = self.forward(cache, inp)[0, -n:]  # [n, V]
+            for layer in cache.layers:
+                if layer.policy is not None:
+                    layer.policy = _ContextOnly(layer.policy, c)
+            logits = self.forward(cache, inp)[0, c:]  # [n, V]
             peak = cache.masked_peak_bytes(1)
         else:
-            cache = self.new_cache(1, seq_len=inp.shape[1])
-            parts = [self.prefill(cache, inp[:, : len(context)], None, chunk_size, last_only=True)]  # [1, 1, V]
-            if n > 1:
-                parts.append(self.forward(cache, inp[:, len(context) :]))  # [1, n - 1, V]
-            logits = torch.cat(parts, dim=1)[0]
+            if c:
+                self.prefill(cache, inp[:, :c], None, chunk_size, last_only=True)
+            for layer in cache.layers:
+                layer.policy = None  # frozen: no eviction, no scores
+            logits = self.forward(cache, inp[:, c:], frozen=True)[0]  # [n, V]
             peak = cache.peak_bytes
         if stats is not None:
             stats["cache_bytes_peak"] = max(stats.get("cache_bytes_peak", 0), peak)
         lp = torch.log_softmax(logits.float(), dim=-1)
         tgt = torch.tensor(continuation, device=lp.device)
-        total = float(lp.gather(-1, tgt[:, None]).sum())
-        greedy = bool((lp.argmax(-1) == tgt).all())
-        return total, greedy
+        return lp.gather(-1, tgt[:, None])[:, 0], lp.argmax(-1) == tgt
 
     def loglikelihood_rolling(self, ids: list[int], window: int | None = None, mode: str = "stream") -> float:
         """Sum of log p over a whole token sequence, in disjoint windows of at most the model's context."""

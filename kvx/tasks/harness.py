@@ -1,9 +1,11 @@
 """lm-evaluation-harness tasks (HellaSwag, PIQA, MathQA, BoolQ, ...) through the kvx engine.
 
 `KVXLM` is an lm-eval `LM` registered in lm-eval's model registry as "kvx": every request runs through the engine
-with the chosen method and a fresh cache. loglikelihood: the context goes through the cache first (compressed as
-the method does), then the continuation is scored (stream mode), or the whole sequence is scored in one forward
-with the method's mask (masked mode). Tokenisation, truncation and rolling windows follow lm-eval's own HF model
+with the chosen method and a fresh cache. loglikelihood follows Engine.continuation_logprobs: the context is
+compressed to the budget (stream: prefilled as the method prefills any prompt; masked: under the method's mask), then
+each continuation token is predicted from that compressed context plus the continuation before it, whatever the
+continuation's length. loglikelihood_rolling (perplexity tasks such as wikitext) predicts every token through the
+compressed cache, as a perplexity run does (Engine.score_window). Tokenisation, truncation and rolling windows follow lm-eval's own HF model
 (`HFLM`), so with the full cache both give the same numbers. From the command line (the `lm_eval` command itself
 discovers only the models it ships, so its arguments go through kvx.tasks.harness_cli):
 
@@ -198,7 +200,17 @@ class KVXLM(TemplateLM):
                 self.cache_hook.add_partial("loglikelihood", key, res)
         return out
 
+    def rolling_score(self, context: list[int], continuation: list[int]) -> float:
+        """log p of a rolling window's tokens, each predicted through the method's cache as in perplexity runs
+        (Engine.score_window: stream feeds the window in chunks of chunk_size, 1 for compressing methods; masked
+        gives every query the method's mask), so that a document's perplexity reflects the compression."""
+        ids = torch.tensor([list(context) + list(continuation)])
+        nll, stats = self.engine.score_window(ids, mode=self.mode, chunk_size=self.chunk_size)
+        self.cache_bytes_peak = max(self.cache_bytes_peak, int(stats["cache_bytes_peak"]))
+        return -float(nll[0, -len(continuation):].sum())
+
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+        """Document log-likelihoods in lm-eval's disjoint rolling windows of max_length tokens (HFLM's windows)."""
         from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
         out = []
@@ -207,7 +219,7 @@ class KVXLM(TemplateLM):
             windows = map(make_disjoint_window, get_rolling_token_windows(
                 token_list=self.tok_encode(string), prefix_token=self.prefix_token_id, max_seq_len=self.max_length,
                 context_len=1))
-            total = sum(self.score(list(c), list(t))[0] for c, t in windows)
+            total = sum(self.rolling_score(c, t) for c, t in windows)
             out.append(total)
             self.cache_hook.add_partial("loglikelihood_rolling", (string,), total)
         return out

@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 THREADS := OMP_NUM_THREADS=2 OPENBLAS_NUM_THREADS=2 MKL_NUM_THREADS=2 TOKENIZERS_PARALLELISM=false
 
-.PHONY: setup run test test-slow lint bench tables clean
+.PHONY: setup run test test-slow lint bench tables notebook clean
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PY) -m venv $(VENV)
@@ -33,6 +33,10 @@ bench: $(STAMP)
 
 tables: $(STAMP)
 	$(THREADS) $(BIN)/python scripts/aggregate.py $(ARGS)
+
+notebook: $(STAMP)  ## run notebooks/analysis.ipynb headless; the executed copy, plots included: outputs/analysis.ipynb
+	mkdir -p outputs
+	$(THREADS) $(BIN)/jupyter-execute notebooks/analysis.ipynb --output=../outputs/analysis --timeout=600
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -49,7 +49,9 @@ def compact_positions(cache, rotary_emb, layers=None) -> torch.Tensor:
     In each layer, per sequence and KV head, the m kept real tokens get R - m .. R - 1 in slot order, where R (per
     sequence) is the largest m over the layers: with one budget for all layers that is 0 .. m - 1, StreamingLLM's
     in-cache positions; with per-layer budgets every layer keeps the same distances to the next query. Keys are
-    re-rotated by the delta and `cache.rope_offset` is set so that the next token gets rotary position R.
+    re-rotated by the delta (a store with `move`, kvx.cache.rotated.MovableStore, records the delta instead and
+    rotates on read, so that repeated moves do not add rounding errors) and `cache.rope_offset` is set so that the
+    next token gets rotary position R.
 
     Stores must hold dense keys (`k`) and `rpos`. A store records rotary positions as token indices at append time,
     so the slots appended since the last compaction (token index >= `cache.rope_synced`) are at token index minus
@@ -84,7 +86,10 @@ def compact_positions(cache, rotary_emb, layers=None) -> torch.Tensor:
         target = torch.where(real, R[:, None, None] - m[..., None] + rank, cur)
         delta = torch.where(real, target - cur, torch.zeros_like(cur))
         if bool(delta.any()):
-            store.k = rerotate(store.k, delta, rotary_emb)
+            if hasattr(store, "move"):  # a MovableStore rotates on read, from the key the model produced
+                store.move(delta)
+            else:
+                store.k = rerotate(store.k, delta, rotary_emb)
         store.rpos = target.to(store.rpos.dtype)
     cache.rope_offset = cache.seen - R
     cache.rope_synced = cache.seen.clone()

@@ -189,7 +189,7 @@ def test_nuc_equals_cross_entropy_over_the_compressed_pot(stories, story, cr_rop
     s = fill_until_full(eng, cache, story)
     eng.method.distill(eng, cache)
     C = eng.method.kept
-    kv = [(layer.store.k, layer.store.v) for layer in cache.layers]
+    kv = [(layer.store.keys(), layer.store.v) for layer in cache.layers]
     assert cache.lengths() == [C] * 5
     if cr_rope:
         assert all(torch.equal(layer.store.rpos[0, 0], torch.arange(C, dtype=torch.int32)) for layer in cache.layers)
@@ -217,7 +217,7 @@ def test_cap_scores_selection_and_no_trace(stories, story, share):
     fill_until_full(eng, cache, story)
     synced, off = cache.rope_synced[:, None, None], cache.rope_offset[:, None, None]
     # rotary position of each stored key: re-indexed by the last distillation (rpos) or appended since then
-    before = [(layer.store.k.clone(), layer.store.v.clone(), layer.store.pos.clone(),
+    before = [(layer.store.keys().clone(), layer.store.v.clone(), layer.store.pos.clone(),
                torch.where(layer.store.pos >= synced, layer.store.pos - off, layer.store.rpos).long(),
                layer.policy.nuc.clone()) for layer in cache.layers]
     seen, last = cache.seen.clone(), cache.last_logits.clone()
@@ -255,7 +255,7 @@ def test_cap_scores_selection_and_no_trace(stories, story, share):
             assert torch.equal(pos[0, h][idx], kept[h])
             assert torch.equal(layer.store.v[0, h], v[0, h][idx])
             want_k = rope_complex(rope_complex(k[0, h][idx], -rot[0, h][idx], inv), torch.arange(C), inv)
-            torch.testing.assert_close(layer.store.k[0, h].double(), want_k, atol=1e-4, rtol=0)
+            torch.testing.assert_close(layer.store.keys()[0, h].double(), want_k, atol=1e-4, rtol=0)
             assert torch.equal(layer.store.rpos[0, h], torch.arange(C, dtype=torch.int32))
             torch.testing.assert_close(layer.policy.nuc[0, h], nuc[0, h][idx])  # retained tokens keep their NuC
         assert int(layer.store.pos.max()) < int(seen[0])
@@ -387,3 +387,45 @@ def _ctx():
     from kvx.tasks.base import RunContext
 
     return RunContext()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_keys_moved_500_times_are_rounded_once(dtype):
+    """CR-RoPE moves kept keys at every distillation. The pot's store (MovableStore) rotates on read from the key the
+    model produced, so after 500 moves through compact_positions an fp16/bf16 key is as close to the fp32 key as a
+    single rounding; re-rotating the stored keys in place (a DenseStore) lets the error grow with the moves."""
+    from types import SimpleNamespace
+
+    from kvx.cache.dense import DenseStore
+    from kvx.cache.rotated import MovableStore
+    from kvx.rope import compact_positions
+
+    cfg = LlamaConfig(hidden_size=4096, num_attention_heads=32, max_position_embeddings=4096,
+                      rope_parameters={"rope_theta": 10000.0, "rope_type": "default"})
+    rot = LlamaRotaryEmbedding(cfg)
+    g = torch.Generator().manual_seed(0)
+    B, H, n, D = 1, 2, 16, 128
+    pos = torch.arange(n, dtype=torch.int32).expand(B, H, n)
+    k32 = rerotate(torch.randn(B, H, n, D, generator=g), pos, rot)  # keys after RoPE at rotary positions 0..n-1
+    v = torch.zeros(B, H, n, D)
+    stores = {"fp32": MovableStore(rot), "moved": MovableStore(rot), "in_place": DenseStore()}
+    for name, st in stores.items():
+        st.append(k32 if name == "fp32" else k32.to(dtype), v, pos)
+    cache = SimpleNamespace(seen=torch.tensor([10**6]), rope_offset=torch.zeros(1, dtype=torch.long))
+    for _ in range(500):  # a first layer holding between n and n + 300 tokens moves the others' positions
+        m = int(torch.randint(n, n + 300, (1,), generator=g))
+        driver = DenseStore()
+        driver.append(torch.zeros(B, H, m, D), torch.zeros(B, H, m, D), torch.arange(m).expand(B, H, m))
+        layers = [SimpleNamespace(store=driver)] + [SimpleNamespace(store=st) for st in stores.values()]
+        compact_positions(cache, rot, layers)
+    final = stores["fp32"].rpos
+    assert torch.equal(stores["moved"].rpos, final) and int((final - pos).abs().max()) > 0
+    want = rerotate(k32, (final - pos).to(torch.int32), rot)  # fp32, one step from the original keys
+    torch.testing.assert_close(stores["fp32"].keys(), want, atol=1e-5, rtol=0)
+
+    def rel(x):
+        return float(((x.float() - want).norm(dim=-1) / want.norm(dim=-1)).mean())
+
+    once = rel(want.to(dtype))  # the error of storing the exact keys in this dtype
+    assert rel(stores["moved"].keys()) <= 2 * once
+    assert rel(stores["in_place"].keys()) > 5 * rel(stores["moved"].keys())  # what repeated rounding does

@@ -28,10 +28,12 @@ Importance scores (`scorer`):
 Input of any length: with CR-RoPE the engine is told it may take inputs longer than the model's context (its rotary
 positions stay inside the pot); without it only when `allow_beyond_context` (the CR-RoPE ablation).
 
-CR-RoPE (`cr_rope`): after each distillation the kept keys are re-rotated by the position delta (kvx/rope.py, with the
+CR-RoPE (`cr_rope`): after each distillation the kept keys move by the position delta (kvx/rope.py, with the
 model's own rotary embedding) so that they sit at rotary positions 0..|C|-1 (in their original order) and new tokens
 continue from |C| (the engine's `cache.rope_offset`), so rotary positions never exceed |M| - 1, inside the model's
-trained range.
+trained range. The pot (kvx.cache.rotated.MovableStore) keeps each key as the model produced it and rotates it by its
+total delta when attention reads it, so a token that survives many distillations carries one rounding, not one per
+distillation.
 
 Baselines run in the same chunked pipeline as other scorers inside the same pot, so all of them hold the same memory
 (they reserve no room for a prompt, so their context fills the whole pot):
@@ -54,6 +56,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from kvx.cache.dense import DenseStore
+from kvx.cache.rotated import MovableStore
 from kvx.errors import ConfigError
 from kvx.kernels.reference import group_sum
 from kvx.methods.base import ArchInfo, LayerPolicy, Method, recency_rank, select_top
@@ -297,6 +301,11 @@ class InfiniPot(Method):
         if self._prompt_ids is None:
             raise RuntimeError("InfiniPot: the method is not bound to an engine (Engine(model, tok, method))")
         return self._prompt_ids
+
+    def make_store(self, layer_idx: int, arch: ArchInfo):
+        if self.cr_rope:  # keys move at every distillation: rotate on read from the keys the model produced
+            return MovableStore(self._rotary)
+        return DenseStore()
 
     def make_policy(self, layer_idx: int, arch: ArchInfo, seq_len: int | None):
         return PotPolicy(self, arch)

@@ -1,3 +1,18 @@
 """kvx: KV-cache compression for LLM inference."""
 
 __version__ = "0.1.0"
+
+
+def _register_lm_eval_model() -> None:
+    """`lm_eval.simple_evaluate(model="kvx", ...)` works after `import kvx`: a lazy entry in lm-eval's model registry
+    (kvx.tasks.harness loads on first use; importing the registry alone takes about 30 ms and no torch)."""
+    try:
+        import lm_eval.models  # noqa: F401  (lm-eval's own lazy entries: "hf" and the others)
+        from lm_eval.api.registry import model_registry
+    except ImportError:  # lm-eval not installed: kvx runs without its harness tasks
+        return
+    if "kvx" not in model_registry:
+        model_registry.register("kvx", target="kvx.tasks.harness:KVXLM")
+
+
+_register_lm_eval_model()

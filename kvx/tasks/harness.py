@@ -1,6 +1,7 @@
 """lm-evaluation-harness tasks (HellaSwag, PIQA, MathQA, BoolQ, ...) through the kvx engine.
 
-`KVXLM` is an lm-eval `LM` registered in lm-eval's model registry as "kvx": every request runs through the engine
+`KVXLM` is an lm-eval `LM`, registered in lm-eval's model registry as "kvx" by `import kvx` (a lazy entry, so
+`lm_eval.simple_evaluate(model="kvx", ...)` needs nothing else): every request runs through the engine
 with the chosen method and a fresh cache. loglikelihood follows Engine.continuation_logprobs: the context is
 compressed to the budget (stream: prefilled as the method prefills any prompt; masked: under the method's mask), then
 each continuation token is predicted from that compressed context plus the continuation before it, whatever the
@@ -11,6 +12,10 @@ discovers only the models it ships, so its arguments go through kvx.tasks.harnes
 
     python -m kvx.tasks.harness_cli --model kvx --model_args model=llama2-7b,method=streaming_llm,budget=256 \
         --tasks hellaswag,piqa
+
+Without the hub, lm-eval reads a task's documents from local files when its YAML says so (`dataset_path: json`,
+`dataset_kwargs: {data_files: ...}`): kvx/tasks/lm_eval_tasks/hellaswag_local.yaml does this for the assets' HellaSwag
+(`--include_path kvx/tasks/lm_eval_tasks --tasks hellaswag_local`; a YAML file's path also works as a task name).
 
 `model` is a configs/model/<name>.yaml name, a hub id, a local folder or a .gguf file; the other keys are fields of
 the model config or of the method (prefix them with `model.` or `method.` where both have one), or `mode`,
@@ -30,10 +35,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import lm_eval.models  # noqa: F401  (lm-eval's own models register before ours)
 import torch
 from lm_eval.api.model import TemplateLM
-from lm_eval.api.registry import model_registry
 
 from kvx.errors import ConfigError, DataError
 from kvx.registry import TASKS
@@ -55,7 +58,7 @@ def _model_node(model: str) -> dict:
         import kvx.config  # noqa: F401  (the ${kvx.assets:} resolver)
 
         return OmegaConf.to_container(OmegaConf.load(path), resolve=True)
-    return {"name": Path(model.rstrip("/")).name or model, "name_or_path": model}
+    return {"name_or_path": model}  # the name derives from the path (kvx.models.name_from_path)
 
 
 def engine_from_args(model: str | None, method: str = "full", device: str | None = None, **kwargs):
@@ -256,8 +259,6 @@ class KVXLM(TemplateLM):
             self.cache_hook.add_partial("generate_until", (context, gen_kwargs), text)
         return out
 
-
-model_registry.register(LM_NAME, target="kvx.tasks.harness:KVXLM")
 
 
 # local documents ------------------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""kvx: KV-cache compression for LLM inference."""
+"""kvx: KV-cache compression for LLM inference. `kvx.load(model, method, **fields)` gives a Pipeline (kvx/api.py)."""
 
 __version__ = "0.1.0"
 
@@ -16,3 +16,11 @@ def _register_lm_eval_model() -> None:
 
 
 _register_lm_eval_model()
+
+
+def __getattr__(name: str):
+    if name in ("load", "Pipeline"):  # imported on first use: `import kvx` stays light
+        from kvx import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'kvx' has no attribute {name!r}")

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from transformers import AttentionInterface
 
 from kvx.cache.kvcache import KVXCache
+from kvx.cache.sliding import layer_windows
 from kvx.errors import ConfigError, UnsupportedModelError
 from kvx.methods.base import ArchInfo, LayerPolicy, Method
 
@@ -31,6 +32,7 @@ def kvx_attention(module, query, key, value, attention_mask, scaling=None, dropo
         raise RuntimeError("the kvx attention function was called outside a kvx engine forward")
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
+    check_layer_kwargs(cache.arch, module.layer_idx, kwargs)
     out = cache.layers[module.layer_idx].attend(query, key, value, scaling)
     return out.transpose(1, 2).contiguous(), None
 
@@ -53,12 +55,24 @@ def arch_info(model) -> ArchInfo:
     n_kv = getattr(text_cfg, "num_key_value_heads", None) or n_heads
     head_dim = getattr(text_cfg, "head_dim", None) or text_cfg.hidden_size // n_heads
     max_pos = getattr(text_cfg, "max_position_embeddings", None) or 2048
-    if getattr(text_cfg, "sliding_window", None) and getattr(text_cfg, "use_sliding_window", True) is not False:
-        if getattr(text_cfg, "layer_types", None) and any(t != "full_attention" for t in text_cfg.layer_types):
-            raise UnsupportedModelError(f"model architecture {cls}: sliding-window layers are not supported by kvx")
+    windows = layer_windows(text_cfg, n_layers)  # sliding-window layers hold the model's own window
+    softcap = getattr(text_cfg, "attn_logit_softcapping", None)
     dtype = next(model.parameters()).dtype
     model_id = str(getattr(cfg, "_name_or_path", "") or "")
-    return ArchInfo(n_layers, n_heads, n_kv, head_dim, max_pos, torch.finfo(dtype).bits // 8, model_id)
+    return ArchInfo(n_layers, n_heads, n_kv, head_dim, max_pos, torch.finfo(dtype).bits // 8, model_id, windows,
+                    None if softcap is None else float(softcap))
+
+
+def check_layer_kwargs(arch: ArchInfo, layer_idx: int, kwargs: dict) -> None:
+    """The window and logit cap a layer's attention asks for must be those arch_info read from the config."""
+    window = kwargs.get("sliding_window")
+    want = arch.windows[layer_idx] if arch.windows else None
+    if window != want and not (window is None and want is None):
+        raise UnsupportedModelError(f"layer {layer_idx} attends with sliding_window={window}, but the config reads "
+                                    f"{want}: kvx cannot hold this layer's window")
+    if kwargs.get("softcap") != arch.softcap:
+        raise UnsupportedModelError(f"layer {layer_idx} attends with softcap={kwargs.get('softcap')}, but the config "
+                                    f"reads {arch.softcap}")
 
 
 class _ContextOnly(LayerPolicy):

@@ -12,6 +12,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from kvx.cache.dense import IndexStore
+from kvx.cache.sliding import cap_logits, layer_parts
 from kvx.kernels import reference
 
 
@@ -83,6 +84,7 @@ class KVXLayer(CacheLayerMixin):
         logits = None
         if policy.needs_probs:
             logits = torch.matmul(q.view(B, Hkv, g, T, D), k[:, :, None].transpose(-1, -2)) * scaling
+            logits = cap_logits(logits, getattr(self.store, "softcap", None))
         peak = 0
         for i in range(T):
             policy.before_attend(istore, 1)
@@ -115,10 +117,7 @@ class KVXCache(Cache):
         self.method = method
         self.arch = arch
         self.mode = mode
-        layers = [
-            KVXLayer(self, i, method.make_store(i, arch), method.make_policy(i, arch, seq_len))
-            for i in range(arch.n_layers)
-        ]
+        layers = [KVXLayer(self, i, *layer_parts(method, arch, i, seq_len)) for i in range(arch.n_layers)]
         super().__init__(layers=layers)
         self.device = torch.device(device)
         self.seen = torch.zeros(batch_size, dtype=torch.long, device=self.device)

@@ -38,6 +38,8 @@ class ArchInfo:
     max_positions: int
     dtype_bytes: int = 4
     model_id: str = ""  # the model's name or path as loaded (lets trained per-model artifacts check their model)
+    windows: tuple = ()  # per layer: the sliding window in tokens, or None for a global layer (kvx/cache/sliding.py)
+    softcap: float | None = None  # attention-logit softcapping (Gemma 2): tanh(s / c) * c before the softmax
 
     @property
     def group(self) -> int:

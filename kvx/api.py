@@ -32,7 +32,7 @@ def _model_node(model: str, model_args: dict) -> dict:
 
         node = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
     else:
-        node = {"name": Path(model.rstrip("/")).name or model, "name_or_path": model}
+        node = {"name_or_path": model}  # the name derives from the path
     return {**node, **model_args}
 
 

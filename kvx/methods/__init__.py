@@ -2,11 +2,14 @@
 
 # the imports register each method
 from kvx.methods import (  # noqa: F401
+    adakv,
     full,
     h2o,
     infinipot,
     kivi,
+    knorm,
     less,
+    observed_attention,
     qaq,
     scissorhands,
     sirllm,

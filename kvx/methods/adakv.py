@@ -1,0 +1,219 @@
+"""`adakv`: per-head adaptive budgets over a scored eviction policy.
+
+Feng et al., 2024, "Ada-KV: Optimizing KV Cache Eviction by Adaptive Budget Allocation for Efficient LLM
+Inference", as kvpress's AdaKVPress does it: a layer's budget, `budget` tokens per KV head of the base method, is
+shared among its KV heads by score. When the layer holds more than n_kv_heads x budget real tokens, the base policy's
+per-slot priorities (H2O's accumulated attention, SnapKV's window votes, key norms, ... with their forced slots)
+are compared across all the heads of the layer and the top n_kv_heads x budget are kept, after a safeguard that
+keeps each head's own top `alpha_safeguard` x budget slots. So a head whose attention is spread keeps more tokens
+than one whose attention is peaked, with the same total per layer.
+
+Storage. A store holds [B, Hkv, n] slots, the same n for every head, so the heads' different counts are padded:
+n is the largest count of the layer, and a head's unused slots are marked as padding (token index -1), which
+attention never reads. The bytes measured are the bytes held, padding included: n_kv_heads x (largest head count)
+per layer, which can exceed n_kv_heads x budget (the real tokens never do). `stats` of a run report the bytes held.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from kvx.errors import ConfigError
+from kvx.methods.base import ArchInfo, LayerPolicy, Method, ScoredPolicy
+from kvx.methods.common import forced_recent, top_slots
+from kvx.registry import METHODS
+
+REFUSED = {"adakv": "AdaKV cannot wrap itself", "less": "give LESS's own base policy instead",
+           "infinipot": "InfiniPot's pot compresses every layer together, not per head"}
+
+
+def build_base(values: Any) -> Method:
+    from kvx.config import build_nested_method
+
+    return build_nested_method(values, "method.base", lambda name: REFUSED.get(name),
+                               evicts_nothing="evicts nothing; give a scored eviction method (snapkv, h2o, knorm, ...)")
+
+
+class SlotScored:
+    """Mixin for a ScoredPolicy whose slots have scores comparable across heads: `slot_scores(store, m)` ->
+    (scores [B, Hkv, n], forced [B, Hkv, n] or None); `select` keeps the m best per head (AdaKV shares them)."""
+
+    def slot_scores(self, store, m: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        raise NotImplementedError
+
+    def select(self, store, m: int) -> torch.Tensor:
+        scores, forced = self.slot_scores(store, m)
+        return top_slots(scores, store.pos, m, forced=forced)
+
+
+def _priority(scores: torch.Tensor, pos: torch.Tensor, forced: torch.Tensor | None) -> torch.Tensor:
+    """[B, Hkv, n] float64: forced slots first, then the scores, padding last."""
+    s = torch.where(pos >= 0, scores.double(), -1e300)
+    return s if forced is None else torch.where(forced, 1e300, s)
+
+
+def slot_priority(policy, store, m: int) -> torch.Tensor:
+    """The base policy's keep priority of each slot, [B, Hkv, n] (float64), for a per-head budget of m."""
+    own = getattr(type(policy), "priority", None)
+    if own is not None and own is not getattr(ScoredPolicy, "priority", None):
+        return policy.priority(store, m)
+    if hasattr(policy, "slot_scores"):
+        scores, forced = policy.slot_scores(store, m)
+        return _priority(scores, store.pos, forced)
+    from kvx.methods.h2o import HeavyRecentPolicy
+    from kvx.methods.snapkv import ObservationWindowPolicy, pool_scores
+
+    if isinstance(policy, HeavyRecentPolicy):
+        return _priority(policy.scores, store.pos, forced_recent(store.pos, m, policy.recent))
+    if isinstance(policy, ObservationWindowPolicy):
+        window = forced_recent(store.pos, m, policy.window)
+        score = pool_scores(policy.window_scores(store).masked_fill(window, 0.0), policy.kernel_size, policy.pooling)
+        return _priority(score, store.pos, window)
+    raise TypeError(type(policy).__name__)
+
+
+def has_priority(policy) -> bool:
+    from kvx.methods.h2o import HeavyRecentPolicy
+    from kvx.methods.snapkv import ObservationWindowPolicy
+
+    own = getattr(type(policy), "priority", None)
+    return (own is not None and own is not getattr(ScoredPolicy, "priority", None)) or hasattr(policy, "slot_scores") \
+        or isinstance(policy, (HeavyRecentPolicy, ObservationWindowPolicy))
+
+
+def mark_unused(store, valid: torch.Tensor) -> None:
+    """Turn the slots where valid [B, Hkv, n] is False into padding (token index -1): attention skips them."""
+    store.pos = torch.where(valid, store.pos, torch.full_like(store.pos, -1))
+    if hasattr(store, "_all_real"):
+        store._all_real = False  # the store now holds padding slots: no decode path may skip the position mask
+
+
+def head_counts(pos: torch.Tensor) -> torch.Tensor:
+    """[B, Hkv]: real tokens held per sequence and KV head."""
+    return (pos >= 0).sum(dim=-1)
+
+
+class AdaptivePolicy(LayerPolicy):
+    """Wraps a scored policy: its scores accumulate as usual; eviction shares the layer's budget among the heads."""
+
+    def __init__(self, inner: ScoredPolicy, alpha: float):
+        self.inner = inner
+        self.alpha = alpha
+
+    def __getattr__(self, name):  # everything but eviction is the base policy's (needs_probs, observe, ...)
+        if name == "inner":
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
+    @property
+    def needs_probs(self) -> bool:
+        return self.inner.needs_probs
+
+    @property
+    def budget(self) -> int:
+        return self.inner.budget
+
+    def observe(self, store, q, probs) -> None:
+        self.inner.observe(store, q, probs)
+
+    def on_append(self, store, t: int) -> None:
+        self.inner.on_append(store, t)
+
+    def observe_token_nll(self, store, nll) -> None:
+        self.inner.observe_token_nll(store, nll)
+
+    def _held(self, store) -> int:
+        return 0 if store.n == 0 else int(head_counts(store.pos).sum(dim=1).max())
+
+    def before_attend(self, store, t: int) -> None:
+        b = self.budget
+        if store.n and t < b and self._held(store) + store.pos.shape[1] * t > store.pos.shape[1] * b:
+            self.evict_to(store, b - t)
+
+    def end_step(self, store) -> None:
+        if store.n and self._held(store) > store.pos.shape[1] * self.budget:
+            self.evict_to(store, self.budget)
+
+    def evict_to(self, store, m: int) -> None:
+        """Keep n_kv_heads x m real tokens per sequence: each head's top alpha x m, then the best over the heads."""
+        pos = store.pos
+        B, H, n = pos.shape
+        real = pos >= 0
+        pri = slot_priority(self.inner, store, m)
+        safe = min(int(m * self.alpha), n)
+        if safe:
+            top = torch.zeros_like(real).scatter_(2, pri.topk(safe, dim=-1).indices, True)
+            pri = torch.where(top & real, 1e300, pri)
+        chosen = pri.reshape(B, H * n).topk(min(H * m, H * n), dim=-1).indices
+        sel = torch.zeros(B, H * n, dtype=torch.bool, device=pos.device).scatter_(1, chosen, True).view(B, H, n) & real
+        width = max(1, int(sel.sum(dim=-1).max()))
+        slot = torch.arange(n, device=pos.device)
+        idx = torch.where(sel, slot, n + slot).argsort(dim=-1)[..., :width].sort(dim=-1).values  # [B, H, width]
+        valid = sel.gather(2, idx)
+        self.inner.on_keep(store, idx)
+        store.keep(idx)
+        mark_unused(store, valid)
+
+    def nbytes(self) -> int:
+        return self.inner.nbytes() if hasattr(self.inner, "nbytes") else 0
+
+
+@METHODS.register("adakv")
+@dataclass
+class AdaKV(Method):
+    name: str = "adakv"
+    base: dict = field(default_factory=dict)  # a scored eviction method's config, e.g. {name: snapkv, budget: 64}
+    alpha_safeguard: float = 0.2  # each head keeps at least its own top alpha x budget tokens
+
+    compresses = True
+
+    def __post_init__(self) -> None:
+        self._base: Method | None = None
+
+    @property
+    def base_method(self) -> Method:
+        if self._base is None:
+            self._base = build_base(self.base)
+        return self._base
+
+    @property
+    def has_mask_form(self) -> bool:  # type: ignore[override]
+        return self.base_method.has_mask_form
+
+    @property
+    def needs_token_nll(self) -> bool:  # type: ignore[override]
+        return self.base_method.needs_token_nll
+
+    def validate(self) -> None:
+        self._base = build_base(self.base)
+        a = self.alpha_safeguard
+        if isinstance(a, bool) or not isinstance(a, (int, float)) or not 0.0 <= a <= 1.0:
+            raise ConfigError("method.alpha_safeguard", f"must be a number in [0, 1], got {a!r}")
+
+    def check_arch(self, arch: ArchInfo) -> None:
+        self.base_method.check_arch(arch)
+
+    def make_store(self, layer_idx: int, arch: ArchInfo):
+        return self.base_method.make_store(layer_idx, arch)
+
+    def make_policy(self, layer_idx: int, arch: ArchInfo, seq_len: int | None):
+        policy = self.base_method.make_policy(layer_idx, arch, seq_len)
+        if not isinstance(policy, ScoredPolicy):  # e.g. a budget that covers the whole sequence: nothing to share
+            return policy
+        if not has_priority(policy):
+            raise ConfigError("method.base.name", f"{self.base_method.name!r} ranks slots without a per-slot score "
+                                                  "that heads can share; give a scored method (snapkv, h2o, knorm, "
+                                                  "observed_attention, ...)")
+        return AdaptivePolicy(policy, float(self.alpha_safeguard))
+
+    def bind(self, engine) -> None:
+        self.base_method.bind(engine)
+
+    def max_chunk(self, cache) -> int | None:
+        return self.base_method.max_chunk(cache)
+
+    def before_forward(self, engine, cache, t: int) -> None:
+        self.base_method.before_forward(engine, cache, t)

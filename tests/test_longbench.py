@@ -157,6 +157,12 @@ def test_run_fixtures(stories, method):
     assert {"qasper_e/0-4k", "qasper_e/4-8k", "qasper_e/8k+", "average_e"} <= set(res.metrics)
     samsum = next(o for o in res.outputs if o["subtask"] == "samsum")
     assert samsum["prediction"].strip() and "\n" not in samsum["prediction"].rstrip("\n")
+    # the cache's peak bytes, per example and over the run
+    assert res.metrics["cache_bytes_peak"] == max(o["cache_bytes_peak"] for o in res.outputs) > 0
+    if isinstance(method, Full):  # the full cache holds the prompt and the answer's tokens: 5 x 4 x 2 x 8 fp32
+        per_token = 5 * 4 * 2 * 8 * 4
+        for o in res.outputs:
+            assert o["prompt_tokens"] * per_token <= o["cache_bytes_peak"] <= (o["prompt_tokens"] + 8) * per_token
 
 
 def test_samsum_first_token_is_neither_eos_nor_newline(stories):
@@ -166,7 +172,8 @@ def test_samsum_first_token_is_neither_eos_nor_newline(stories):
     newline = tok("\n", add_special_tokens=False).input_ids[-1]
     with torch.no_grad():
         logits = model(input_ids=torch.tensor([ids])).logits[0, -1]
-    toks = LongBench(subtasks=["samsum"])._generate(eng, ids, 6, "samsum")
+    toks, peak = LongBench(subtasks=["samsum"])._generate(eng, ids, 6, "samsum")
+    assert peak == (len(ids) + len(toks)) * 5 * 4 * 2 * 8 * 4  # generate feeds every token it picks; fp32
     logits[[tok.eos_token_id, newline]] = float("-inf")
     assert toks[0] == int(logits.argmax())
     assert all(t not in (tok.eos_token_id, newline) for t in toks[:-1])

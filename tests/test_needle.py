@@ -70,13 +70,14 @@ def test_run_scores_and_heatmap(stories, method):
                   depths=[0, 50, 100], max_new_tokens=4, limit=5)
     task.validate()
     res = task.run(Engine(model, tok, method), RunContext())
-    assert len(res.outputs) == 5 and res.metrics["points"] == 5
+    n = len(res.outputs)  # depths whose needle lands at the same place run once
+    assert n + res.metrics["merged_points"] == 5 and res.metrics["points"] == n
     direct = rouge_scorer.RougeScorer(["rouge1", "rougeL"], use_stemmer=True)
     for out in res.outputs:
         want = direct.score("Lily", out["prediction"])
         assert out["rouge1"] == want["rouge1"].fmeasure and out["rougeL"] == want["rougeL"].fmeasure
         assert out["exact"] == float("lily" in out["prediction"].lower())
-    assert res.metrics["exact"] == sum(o["exact"] for o in res.outputs) / 5
+    assert res.metrics["exact"] == sum(o["exact"] for o in res.outputs) / n
     assert res.metrics["exact"] == 1.0
     png = res.artifacts["heatmap.png"]
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and mpimg.imread(io.BytesIO(png)).ndim == 3
@@ -118,3 +119,21 @@ def test_bad_input(stories, tmp_path):
         Needle(heatmap_metric="f1").validate()
     with pytest.raises(ConfigError, match="task.variant"):
         Needle(variant="haystack").validate()
+
+
+def test_depths_with_the_same_needle_place_are_one_test(stories):
+    """At 256 tokens the first sentence end lies past 50% of the haystack: depths 0, 25 and 50 give one prompt."""
+    model, tok = stories
+    task = Needle(template="{context}\n{question}", context_lengths=[256], depths=[0, 25, 50, 75, 100],
+                  max_new_tokens=2)
+    prompts = {d: ids for _, d, _, ids in task.prompts(tok)}
+    same = [d for d in (25.0, 50.0, 75.0) if prompts[d] == prompts[0.0]]
+    assert same  # the case this test is about
+    res = task.run(Engine(model, tok, Full()), RunContext())
+    ran = [o["depth"] for o in res.outputs]
+    assert ran == [d for d in sorted(prompts) if d == 0.0 or d not in same]
+    assert len(set(tuple(prompts[d]) for d in ran)) == len(ran)  # every test that ran is a different prompt
+    assert res.outputs[0]["merged_depths"] == same and res.outputs[0]["real_depth"] == 0.0
+    assert res.metrics["points"] == len(ran) and res.metrics["merged_points"] == len(same)
+    assert res.metrics["retrieval"] == res.metrics["exact"] == sum(o["exact"] for o in res.outputs) / len(ran)
+    assert task.heatmap_metric == "exact" and "exact@256" in res.metrics

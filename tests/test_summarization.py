@@ -12,7 +12,15 @@ from kvx.errors import ConfigError, DataError
 from kvx.methods.full import Full
 from kvx.methods.streaming_llm import StreamingLLM
 from kvx.tasks.base import RunContext
-from kvx.tasks.summarization import Summarization, cut_stop, format_prompt, mean_rouge, rouge_scores, water_fill
+from kvx.tasks.summarization import (
+    Summarization,
+    cut_stop,
+    format_prompt,
+    mean_rouge,
+    rouge_scores,
+    stop_reason,
+    water_fill,
+)
 
 PAIRS = [
     ("the cat sat on the mat", "the cat was on the mat"),
@@ -58,15 +66,20 @@ def test_truncation_keeps_prompt_within_budget(stories, assets):
     _, tok = stories
     rows = [json.loads(line) for line in open(assets / "xsum" / "test_first300.jsonl")][:4]
     task = Summarization(shots=2, num_sentences=1, min_article_tokens=64)
-    ids, n_shots, truncated = task.build_prompt(tok, rows[0]["document"], rows[1:3], 300)
+    ids, fit = task.build_prompt(tok, rows[0]["document"], rows[1:3], 300)
     text = tok.decode(ids, skip_special_tokens=True)
-    assert len(ids) <= 300 and truncated and ids[0] == tok.bos_token_id
+    assert len(ids) <= 300 and fit.truncated and ids[0] == tok.bos_token_id
     assert text.endswith("Summarize the above article in 1 sentence.\n")
-    assert text.count("###\nArticle: ") == n_shots + 1 and 0 <= n_shots <= 2
+    assert text.count("###\nArticle: ") == fit.shots + 1 and 0 <= fit.shots <= 2
+    # the article kept: its first article_kept tokens are in the prompt, and no more
+    doc_ids = tok(rows[0]["document"], add_special_tokens=False).input_ids
+    assert fit.article_tokens == len(doc_ids) and fit.article_cut and fit.article_kept >= 64
+    article = text.split("###\nArticle: ")[-1].split("\n\nSummarize")[0]
+    assert article == tok.decode(doc_ids[: fit.article_kept], skip_special_tokens=True)
     # a short article: nothing is cut and every shot stays
     short = [{"document": "Tom had a kite.", "summary": "Tom's kite."}] * 2
-    ids, n_shots, truncated = task.build_prompt(tok, "Lily fixed a boat.", short, 300)
-    assert not truncated and n_shots == 2
+    ids, fit = task.build_prompt(tok, "Lily fixed a boat.", short, 300)
+    assert not fit.truncated and fit.shots == 2 and not fit.article_cut
     assert tok.decode(ids, skip_special_tokens=True) == format_prompt(
         ["Tom had a kite.", "Tom had a kite.", "Lily fixed a boat."], ["Tom's kite."] * 2,
         "Summarize the above article in 1 sentence.")
@@ -89,7 +102,7 @@ def test_xsum_end_to_end(stories, assets, method):
         # the same prompt through transformers' own greedy generation gives the same summary
         ex = [json.loads(line) for line in open(assets / "xsum" / "test_first300.jsonl")][0]
         pool = [json.loads(line) for line in open(assets / "xsum" / "test_first300.jsonl")]
-        ids, _, _ = task.build_prompt(tok, ex["document"], [pool[j] for j in res.outputs[0]["shot_ids"]], 512 - 16)
+        ids, _ = task.build_prompt(tok, ex["document"], [pool[j] for j in res.outputs[0]["shot_ids"]], 512 - 16)
         with torch.no_grad():
             out = model.generate(torch.tensor([ids]), max_new_tokens=16, do_sample=False)
         hf = cut_stop(tok.decode(out[0, len(ids):], skip_special_tokens=True), task.stop).strip()
@@ -107,6 +120,33 @@ def test_cnn_shots_and_sampling(stories, assets):
     assert [o["prediction"] for o in a.outputs] == [o["prediction"] for o in b.outputs]  # seeded sampling
     for i, out in enumerate(a.outputs):
         assert i not in out["shot_ids"] and out["prompt_tokens"] <= 400 and out["id"] == i
+
+
+def test_fitting_decisions_in_metrics_and_warnings(stories, assets, caplog):
+    """Shots dropped and articles cut are counted in the metrics, logged once, and refused when asked."""
+    model, tok = stories
+    eng = Engine(model, tok, Full())
+    kw = dict(name="xsum", data_files=str(assets / "xsum" / "test_first300.jsonl"), shots=5, limit=3,
+              max_new_tokens=8)
+    with caplog.at_level("WARNING", logger="kvx.tasks.summarization"):
+        res = Summarization(**kw).run(eng, RunContext())
+    out, m = res.outputs, res.metrics
+    assert m["shots_asked"] == 5 and m["shots_mean"] == pytest.approx(sum(o["shots"] for o in out) / 3)
+    assert m["shots_mean"] < 5
+    assert m["shots_min"] == min(o["shots"] for o in out)
+    assert m["prompt_tokens_max"] == max(o["prompt_tokens"] for o in out) <= 512 - 8
+    assert m["articles_cut"] == sum(o["article_kept"] < o["article_tokens"] for o in out) >= 1
+    assert m["article_kept_mean"] == pytest.approx(sum(o["article_kept"] for o in out) / 3)
+    for o in out:  # why each generation stopped
+        assert o["stop_reason"] in ("eos", "stop", "max_new_tokens")
+        assert (o["new_tokens"] == 8) >= (o["stop_reason"] == "max_new_tokens")
+    assert m["stop_eos"] + m["stop_stop"] + m["stop_max_new_tokens"] == 3
+    assert sum("shots to fit" in r.getMessage() for r in caplog.records) == 1  # once per run
+    assert sum("ARTICLE CUT" in r.getMessage() for r in caplog.records) == 1
+    with pytest.raises(DataError, match="the evaluated article keeps"):
+        Summarization(**kw, article_cut="refuse").run(eng, RunContext())
+    with pytest.raises(ConfigError, match="task.article_cut"):
+        Summarization(article_cut="drop").validate()
 
 
 def test_bad_input(stories, tmp_path, assets):
@@ -130,3 +170,15 @@ def test_bad_input(stories, tmp_path, assets):
         Summarization(mode="masked").validate()
     with pytest.raises(ConfigError, match="task.shots"):
         Summarization(shots=-1).validate()
+
+
+def test_stop_reason_of_a_generation(stories):
+    from kvx.engine import Generation
+
+    assert stop_reason(Generation([[5, 2]], [True]), 2) == "eos"
+    assert stop_reason(Generation([[5]], [True]), 2) == "stop"  # a stop string (trimmed from the tokens)
+    assert stop_reason(Generation([[5, 6]], [False]), 2) == "max_new_tokens"
+    model, tok = stories
+    gen = Engine(model, tok, Full()).generate(tok("Once upon a time", return_tensors="pt").input_ids,
+                                              max_new_tokens=30, stop_strings=["Lily"])
+    assert stop_reason(gen, tok.eos_token_id) == "stop"

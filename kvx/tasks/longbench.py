@@ -224,10 +224,12 @@ class LongBench(Task):
             ids = tok(prompt, add_special_tokens=True).input_ids
         return ids, truncated
 
-    def _generate(self, engine, ids: list[int], max_gen: int, subtask: str) -> list[int]:
+    def _generate(self, engine, ids: list[int], max_gen: int, subtask: str) -> tuple[list[int], int]:
+        """The answer's tokens and the peak bytes its cache held."""
         tok = engine.tokenizer
         if lbm.base_name(subtask) != "samsum":
-            return engine.generate(torch.tensor([ids]), max_new_tokens=max_gen, chunk_size=self.chunk_size).tokens[0]
+            gen = engine.generate(torch.tensor([ids]), max_new_tokens=max_gen, chunk_size=self.chunk_size)
+            return gen.tokens[0], int(gen.stats["cache_bytes_peak"])
         # samsum: a newline also ends the answer, and the first token may be neither EOS nor the newline
         stop = [tok.eos_token_id, tok("\n", add_special_tokens=False).input_ids[-1]]
         cache = engine.new_cache(1, seq_len=len(ids) + max_gen)
@@ -235,9 +237,9 @@ class LongBench(Task):
         logits[:, [s for s in stop if s is not None]] = float("-inf")
         first = logits.argmax(-1)
         if max_gen == 1:
-            return [int(first)]
+            return [int(first)], int(cache.peak_bytes)
         rest = engine.generate(first[:, None], max_new_tokens=max_gen - 1, eos_token_id=stop, cache=cache)
-        return [int(first)] + rest.tokens[0]
+        return [int(first)] + rest.tokens[0], int(rest.stats["cache_bytes_peak"])
 
     # run -------------------------------------------------------------------------------------------------------------
     def run(self, engine, ctx: RunContext) -> TaskResult:
@@ -276,19 +278,20 @@ class LongBench(Task):
                 keep = max(max_pos - max_gen, 2)  # the chat wrapper pushed past the context: cut the middle again
                 ids = ids[: keep // 2] + ids[len(ids) - (keep - keep // 2) :]
                 truncated = True
-            toks = self._generate(engine, ids, max_gen, s)
+            toks, peak = self._generate(engine, ids, max_gen, s)
             pred = post_process(tok.decode(toks, skip_special_tokens=True), fmt)
             score = lbm.score_example(base, pred, row["answers"], row["all_classes"])
             per_task.setdefault(s, []).append((score, int(row["length"])))
             outputs.append({"subtask": s, "_id": row["_id"], "prediction": pred, "answers": row["answers"],
                             "score": score, "length": row["length"], "prompt_tokens": len(ids),
-                            "truncated": truncated})
+                            "truncated": truncated, "cache_bytes_peak": peak})
         for s, vals in per_task.items():
             metrics[s] = lbm.subtask_score([v for v, _ in vals])
             if s.endswith("_e"):
                 for bucket, v in lbm.subtask_score_e([v for v, _ in vals], [n for _, n in vals]).items():
                     metrics[f"{s}/{bucket}"] = v
         metrics.update(averages({s: metrics[s] for s in per_task}))
+        metrics["cache_bytes_peak"] = max(o["cache_bytes_peak"] for o in outputs)
         return TaskResult(metrics, outputs)
 
 

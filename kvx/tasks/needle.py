@@ -6,9 +6,13 @@ holds exactly `length` tokens; the needle goes after the last sentence end at or
 end for 100%), as in the original test (gkamradt/LLMTest_NeedleInAHaystack). The `passkey` variant hides a random
 5-digit pass key in repeated filler sentences (Mohtashami & Jaggi, 2023).
 
-Scores per grid point: `exact` (1 if the normalised answer appears in the normalised prediction) and ROUGE-1 /
-ROUGE-L F1 (rouge-score, stemming) of the prediction against the answer. The heatmap (depth x length, colour =
-`heatmap_metric`) comes back as the artifact heatmap.png. Context lengths beyond the model's context are an error
+Scores per grid point: `exact` (1 if the normalised answer appears in the normalised prediction), the headline
+(`retrieval` in metrics.json: the exact retrieval rate), and beside it ROUGE-1 / ROUGE-L F1 (rouge-score, stemming)
+of the prediction against the answer (ROUGE has a floor from shared stop words, so it is no retrieval measure on its
+own). Depths whose needle lands at the same place (at short lengths the sentence end before several depths can be the
+same) are one test: it runs once, the means count it once (`points`; `merged_points` counts the depths merged into
+an earlier one) and its output row lists them in `merged_depths`; `real_depth` is where the needle really sits. The
+heatmap (depth x length, colour = `heatmap_metric`) comes back as the artifact heatmap.png. Context lengths beyond the model's context are an error
 unless `allow_beyond_context: true`; `limit` caps the number of grid points (lengths first, then depths).
 """
 
@@ -115,7 +119,7 @@ class Needle(Task):
     max_new_tokens: int = 32
     stop: list[str] = field(default_factory=list)
     allow_beyond_context: bool = False
-    heatmap_metric: str = "rougeL"  # exact | rouge1 | rougeL
+    heatmap_metric: str = "exact"  # exact | rouge1 | rougeL
     chunk_size: int | None = None  # stream mode: prefill in chunks of this many tokens
 
     def validate(self) -> None:
@@ -180,13 +184,14 @@ class Needle(Task):
         return ids[:n_tokens]
 
     @staticmethod
-    def _insert(tok, hay: list[int], needle: list[int], depth: float) -> list[int]:
+    def _point(tok, hay: list[int], depth: float) -> int:
+        """Where the needle goes: after the last sentence end at or before the depth (the end for 100%)."""
         if depth >= 100:
-            return hay + needle
+            return len(hay)
         point = int(len(hay) * depth / 100)
         while point > 0 and not tok.decode(hay[point - 1 : point]).rstrip().endswith("."):
             point -= 1  # back up to the end of a sentence
-        return hay[:point] + needle + hay[point:]
+        return point
 
     def grid(self) -> list[tuple[int, float]]:
         points = [(int(n), float(d)) for n in self.context_lengths for d in self.depths]
@@ -194,6 +199,10 @@ class Needle(Task):
 
     def prompts(self, tok) -> list[tuple[int, float, str, list[int]]]:
         """(context length, depth, expected answer, prompt token ids) per grid point."""
+        return [(n, d, want, ids) for n, d, want, ids, _ in self.placed(tok)]
+
+    def placed(self, tok) -> list[tuple[int, float, str, list[int], float]]:
+        """prompts() plus the depth the needle really sits at (percent of the haystack before it)."""
         needle_t, question, answer, template = self._spec()
         pre, post = self._frame(tok, template, question)
         points = self.grid()
@@ -211,7 +220,10 @@ class Needle(Task):
                     "task.context_lengths",
                     f"{n} tokens cannot hold the template and the needle ({n - room} tokens)",
                 )
-            out.append((n, depth, want, pre + self._insert(tok, hay_all[:room], needle_ids, depth) + post))
+            hay = hay_all[:room]
+            at = self._point(tok, hay, depth)
+            ids = pre + hay[:at] + needle_ids + hay[at:] + post
+            out.append((n, depth, want, ids, 100.0 * at / max(len(hay), 1)))
         return out
 
     # run -------------------------------------------------------------------------------------------------------------
@@ -225,13 +237,18 @@ class Needle(Task):
                 f"{too_long} plus max_new_tokens={self.max_new_tokens} go beyond the model's context of {max_pos} "
                 "tokens (max_position_embeddings); shorten them or set task.allow_beyond_context=true",
             )
-        prompts = self.prompts(tok)
+        placed = self.placed(tok)
+        first: dict[tuple[int, float], tuple[int, float]] = {}  # (length, real depth) -> the grid point run for it
         saved = engine.allow_beyond_context
         engine.allow_beyond_context = saved or self.allow_beyond_context
-        outputs, grid_scores = [], {}
+        outputs, grid_scores, merged = [], {}, {}
         try:
-            bar = ctx.progress(prompts, desc=f"{self.name} [{engine.method.name}]", total=len(prompts))
-            for n, depth, want, ids in bar:
+            bar = ctx.progress(placed, desc=f"{self.name} [{engine.method.name}]", total=len(placed))
+            for n, depth, want, ids, real in bar:
+                same = first.setdefault((n, real), (n, depth))
+                if same != (n, depth):  # the needle lands where an earlier depth put it: the same test, run once
+                    merged[(n, depth)] = same
+                    continue
                 engine.set_question(self._spec()[1])  # CaP-Q reads it; other methods ignore it
                 gen = engine.generate(torch.tensor([ids]), max_new_tokens=self.max_new_tokens,
                                       stop_strings=self.stop or None, chunk_size=self.chunk_size)
@@ -239,20 +256,25 @@ class Needle(Task):
                 scores = {"exact": float(normalize(want) in normalize(pred)) if normalize(want) else 0.0,
                           **rouge_scores(pred, want, ("rouge1", "rougeL"))}
                 grid_scores[(n, depth)] = scores
-                outputs.append({"context_length": n, "depth": depth, "prompt_tokens": len(ids), "answer": want,
-                                "prediction": pred, **scores,
+                outputs.append({"context_length": n, "depth": depth, "real_depth": real, "merged_depths": [],
+                                "prompt_tokens": len(ids), "answer": want, "prediction": pred, **scores,
                                 "cache_bytes_peak": int(gen.stats.get("cache_bytes_peak", 0))})
         finally:
             engine.allow_beyond_context = saved
+        for (_, depth), same in merged.items():
+            next(o for o in outputs if (o["context_length"], o["depth"]) == same)["merged_depths"].append(depth)
+        # headline: the exact retrieval rate over distinct tests; ROUGE beside it
         metrics = {m: sum(s[m] for s in grid_scores.values()) / len(grid_scores) for m in METRICS}
+        metrics["retrieval"] = metrics["exact"]
         metrics["points"] = len(grid_scores)
+        metrics["merged_points"] = len(merged)
         metrics["cache_bytes_peak"] = max(o["cache_bytes_peak"] for o in outputs)
-        points = [(n, d) for n, d, _, _ in prompts]
-        for n in sorted({p[0] for p in points}):
+        for n in sorted({p[0] for p in grid_scores}):
             vals = [s[self.heatmap_metric] for (m, _), s in grid_scores.items() if m == n]
             metrics[f"{self.heatmap_metric}@{n}"] = sum(vals) / len(vals)
-        lengths = sorted({p[0] for p in points})
-        depths = sorted({p[1] for p in points})
-        png = heatmap_png({k: v[self.heatmap_metric] for k, v in grid_scores.items()}, lengths, depths,
-                          f"{self.name} · {engine.method.name} · {self.heatmap_metric}")
+        cells = {k: v[self.heatmap_metric] for k, v in grid_scores.items()}
+        cells.update({k: cells[same] for k, same in merged.items()})  # a merged depth shows its test's score
+        lengths = sorted({p[0] for p in cells})
+        depths = sorted({p[1] for p in cells})
+        png = heatmap_png(cells, lengths, depths, f"{self.name} · {engine.method.name} · {self.heatmap_metric}")
         return TaskResult(metrics, outputs, {"heatmap.png": png})

@@ -12,13 +12,17 @@ and shots are joined by a newline, then the evaluated article follows with the s
 Shots are drawn once with the task seed: from the hub's train split, or, with local files, from the same file
 excluding the evaluated example. When the prompt would not fit into the model's context minus `max_new_tokens`,
 documents are cut at their end, the longest first (each keeps the same share), and shots are dropped (the first
-first) when the evaluated article would keep fewer than `min_article_tokens` tokens. Generation is greedy
+first) when the evaluated article would keep fewer than `min_article_tokens` tokens. Dropped shots are logged once
+per run; a cut article is logged loudly once (or refused with `article_cut: refuse`). metrics.json records these
+decisions (shots_mean, shots_min, prompt_tokens_mean/max, article_tokens_mean, article_kept_mean, articles_cut) and
+why generation stopped (stop_eos, stop_stop, stop_max_new_tokens: counts of examples). Generation is greedy
 (temperature 0) or sampled, and stops at a blank line, at `###` or at EOS. ROUGE F1 with stemming from the
 rouge-score package, averaged over examples (values in [0, 1]).
 """
 
 from __future__ import annotations
 
+import logging
 import random
 from dataclasses import dataclass, field
 
@@ -28,6 +32,7 @@ from kvx.errors import ConfigError, DataError
 from kvx.registry import TASKS
 from kvx.tasks.base import RunContext, Task, TaskResult, data_paths, read_jsonl
 
+log = logging.getLogger(__name__)
 ROUGE_KEYS = ("rouge1", "rouge2", "rougeL")
 _SCORERS: dict = {}
 
@@ -86,6 +91,46 @@ def cut_stop(text: str, stops: list[str]) -> str:
     return text
 
 
+@dataclass
+class Fit:
+    """How one prompt was fitted into the context: shots kept, the evaluated article's tokens and how many stayed."""
+
+    shots: int
+    article_tokens: int
+    article_kept: int
+    truncated: bool  # any document (shot or article) was cut
+
+    @property
+    def article_cut(self) -> bool:
+        return self.article_kept < self.article_tokens
+
+
+def stop_reason(gen, eos_id: int | None) -> str:
+    """Why generation ended: 'eos', 'stop' (a stop string) or 'max_new_tokens' (the cap)."""
+    if not gen.finished[0]:
+        return "max_new_tokens"
+    return "eos" if eos_id is not None and gen.tokens[0] and gen.tokens[0][-1] == eos_id else "stop"
+
+
+def fit_metrics(outputs: list[dict], shots_asked: int) -> dict:
+    """The fitting decisions over all examples, for metrics.json."""
+    n = len(outputs)
+    mean = lambda key: sum(o[key] for o in outputs) / n  # noqa: E731
+    reasons = [o["stop_reason"] for o in outputs]
+    return {
+        "shots_asked": shots_asked,
+        "shots_mean": mean("shots"),
+        "shots_min": min(o["shots"] for o in outputs),
+        "prompt_tokens_mean": mean("prompt_tokens"),
+        "prompt_tokens_max": max(o["prompt_tokens"] for o in outputs),
+        "article_tokens_mean": mean("article_tokens"),
+        "article_kept_mean": mean("article_kept"),
+        "articles_cut": sum(o["article_cut"] for o in outputs),
+        "new_tokens_mean": mean("new_tokens"),
+        **{f"stop_{r}": reasons.count(r) for r in ("eos", "stop", "max_new_tokens")},
+    }
+
+
 @TASKS.register("summarization")
 @dataclass
 class Summarization(Task):
@@ -106,6 +151,7 @@ class Summarization(Task):
     stop: list[str] = field(default_factory=lambda: ["\n\n", "###"])
     max_prompt_tokens: int | None = None  # default: the model's context minus max_new_tokens
     min_article_tokens: int = 64  # fewer left for the evaluated article: drop shots first
+    article_cut: str = "warn"  # the evaluated article itself had to be cut: warn (loudly, once) | refuse
     chunk_size: int | None = None  # stream mode: prefill in chunks of this many tokens
 
     def validate(self) -> None:
@@ -124,6 +170,8 @@ class Summarization(Task):
             raise ConfigError("task.num_sentences", f"must be > 0 or null, got {self.num_sentences}")
         if self.max_prompt_tokens is not None and self.max_prompt_tokens <= 0:
             raise ConfigError("task.max_prompt_tokens", f"must be > 0 or null, got {self.max_prompt_tokens}")
+        if self.article_cut not in ("warn", "refuse"):
+            raise ConfigError("task.article_cut", f"must be 'warn' or 'refuse', got {self.article_cut!r}")
         if self.min_article_tokens < 1:
             raise ConfigError("task.min_article_tokens", f"must be >= 1, got {self.min_article_tokens}")
 
@@ -168,8 +216,8 @@ class Summarization(Task):
         return examples, pool, False
 
     # prompts ---------------------------------------------------------------------------------------------------------
-    def build_prompt(self, tok, doc: str, shots: list[dict], budget: int) -> tuple[list[int], int, bool]:
-        """Token ids (with BOS) of the prompt within budget; also the number of shots kept and whether text was cut."""
+    def build_prompt(self, tok, doc: str, shots: list[dict], budget: int) -> tuple[list[int], Fit]:
+        """Token ids (with BOS) of the prompt within budget, and how it was fitted (shots kept, article kept)."""
         instr = instruction(self.num_sentences)
         shots = list(shots)
         enc = lambda s: tok(s, add_special_tokens=False).input_ids  # noqa: E731
@@ -201,9 +249,11 @@ class Summarization(Task):
             ids = bos + enc(format_prompt(texts, sums, instr))
             over = len(ids) - budget
             if over <= 0:
-                return ids, len(shots), truncated
+                return ids, Fit(len(shots), len(doc_ids), min(caps[-1], len(doc_ids)), truncated)
             caps = water_fill([len(x) for x in ids_per_doc], max(sum(caps) - over, 0))
-        return bos + ids[len(bos) + over :], len(shots), True  # last resort: keep the end (the instruction)
+        # last resort: keep the end (the instruction); the article loses what the start loses
+        kept = max(0, min(caps[-1], len(doc_ids)) - over)
+        return bos + ids[len(bos) + over :], Fit(len(shots), len(doc_ids), kept, True)
 
     # run -------------------------------------------------------------------------------------------------------------
     def run(self, engine, ctx: RunContext) -> TaskResult:
@@ -221,6 +271,7 @@ class Summarization(Task):
                 f"{budget} prompt tokens + max_new_tokens={self.max_new_tokens} exceed the model's context of "
                 f"{ctx_len} tokens",
             )
+        self._warned: dict[str, bool] = {}
         examples, pool, same_file = self.load()
         if self.limit is not None:
             examples = examples[: self.limit]
@@ -235,7 +286,8 @@ class Summarization(Task):
         for i, ex in bar:
             own = i if same_file else -1
             shot_idx = [j for j in candidates if j != own][: self.shots]
-            ids, n_shots, truncated = self.build_prompt(tok, ex[self.document_field], [pool[j] for j in shot_idx], budget)
+            ids, fit = self.build_prompt(tok, ex[self.document_field], [pool[j] for j in shot_idx], budget)
+            self._check_fit(fit, i, budget)
             gen = engine.generate(
                 torch.tensor([ids]),
                 max_new_tokens=self.max_new_tokens,
@@ -258,12 +310,32 @@ class Summarization(Task):
                 "prediction": text,
                 "reference": ref,
                 **scores,
-                "shots": n_shots,
-                "shot_ids": shot_idx[len(shot_idx) - n_shots :],
+                "shots": fit.shots,
+                "shot_ids": shot_idx[len(shot_idx) - fit.shots :],
                 "prompt_tokens": len(ids),
-                "truncated": truncated,
+                "article_tokens": fit.article_tokens,
+                "article_kept": fit.article_kept,
+                "article_cut": fit.article_cut,
+                "truncated": fit.truncated,
                 "new_tokens": len(gen.tokens[0]),
+                "stop_reason": stop_reason(gen, tok.eos_token_id),
             })
         metrics = mean_rouge(preds, refs)
-        metrics.update({"examples": len(preds), "cache_bytes_peak": peak})
+        metrics.update({"examples": len(preds), "cache_bytes_peak": peak, **fit_metrics(outputs, self.shots)})
         return TaskResult(metrics, outputs)
+
+    def _check_fit(self, fit: Fit, i: int, budget: int) -> None:
+        """Warn once per run when shots are dropped; warn loudly once (or refuse) when the article itself is cut."""
+        if fit.shots < self.shots and not self._warned.get("shots"):
+            self._warned["shots"] = True
+            log.warning("task %s: example %d keeps %d of %d shots to fit %d prompt tokens (metrics.json: shots_mean)",
+                        self.name, i, fit.shots, self.shots, budget)
+        if fit.article_cut:
+            msg = (f"task {self.name}: example {i}: the evaluated article keeps {fit.article_kept} of its "
+                   f"{fit.article_tokens} tokens to fit {budget} prompt tokens")
+            if self.article_cut == "refuse":
+                raise DataError(msg + " (task.article_cut=refuse; raise the model's context or lower max_new_tokens)")
+            if not self._warned.get("article"):
+                self._warned["article"] = True
+                log.warning("ARTICLE CUT: %s; the summary is scored against the whole reference "
+                            "(metrics.json: articles_cut, article_kept_mean)", msg)

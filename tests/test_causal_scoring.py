@@ -27,7 +27,20 @@ METHODS = {
     "qaq": {"name": "qaq", "residual": 4},
     "qaq_evict": {"name": "qaq", "residual": 4, "evict": {"name": "h2o", "budget": BUDGET}},
     "less": "less",
+    "knorm": {"name": "knorm", "budget": BUDGET},
+    "observed_attention": {"name": "observed_attention", "budget": BUDGET},
+    "adakv": {"name": "adakv", "base": {"name": "snapkv", "budget": BUDGET, "window": 4, "kernel_size": 3}},
 }
+
+
+def test_every_registered_method_is_covered():
+    import kvx.config
+
+    kvx.config._load_plugins()
+    from kvx.registry import METHODS as REGISTRY
+
+    names = {("less" if spec == "less" else spec["name"]) for spec in METHODS.values()}
+    assert set(REGISTRY.names()) <= names
 
 
 def engine_for(model, tok, key):

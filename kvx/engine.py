@@ -338,6 +338,9 @@ class Engine:
             peak = cache.peak_bytes
         nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1), reduction="none").view(B, T)
         stats = {"cache_bytes_peak": peak, "cache_aux_bytes": cache.aux_nbytes(), **cache.extra_stats()}
+        state = sum(layer.store.state_nbytes() for layer in cache.layers)  # constant-size states (LESS's H, z)
+        if state:
+            stats["state_bytes"] = state // B  # per sequence, all layers and KV heads
         if return_logits:
             stats["logits"] = logits
         return nll, stats

@@ -17,6 +17,7 @@ from kvx.config import build_method  # noqa: E402
 from kvx.engine import Engine  # noqa: E402
 from kvx.errors import ConfigError, DataError  # noqa: E402
 from kvx.less_train import TrainData, TrainSettings, pack_mask, train_less, training_sequences, unpack_mask  # noqa: E402
+from kvx.methods.base import ArchInfo  # noqa: E402
 from kvx.methods.full import Full  # noqa: E402
 from kvx.methods.less import LESS, load_layer  # noqa: E402
 from kvx.registry import METHODS  # noqa: E402
@@ -417,3 +418,96 @@ def test_fused_decode_kernel_path_equals_reference(stories, tiny_ids):
     finally:
         kernels.set_backend(saved)
     torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+
+
+# --- Baseline+ and the state at the run's dtype --------------------------------------------------------------------
+def measured_state_per_head(head_dim: int, dtype: torch.dtype, rank: int = 8, n_kv: int = 2) -> int:
+    """Bytes one KV head's state holds, measured on a LowRankStore after one eviction at the model's dtype."""
+    maps = FeatureMaps(2 * n_kv, n_kv, head_dim, rank, 16).eval().requires_grad_(False)
+    store = LowRankStore(DenseStore(), maps)
+    kv = torch.randn(1, n_kv, 3, head_dim).to(dtype)
+    store.append(kv, kv, torch.arange(3).expand(1, n_kv, 3))
+    store.keep(torch.arange(1, 3).expand(1, n_kv, 2))
+    assert store.absorbed == n_kv and store.H.dtype == torch.float32
+    return store.state_nbytes() // n_kv
+
+
+def grid_runs(experiment: str, scale: str) -> list[dict]:
+    """The method configs and model dtype of every run of an experiment's grid."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from kvx.grid import expand
+    from tests.helpers import CONFIGS
+
+    base = [f"experiment={experiment}", f"scale={scale}"]
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        root = compose(config_name="config", overrides=base, return_hydra_config=True)
+        sweeper = OmegaConf.to_container(root.hydra.sweeper, resolve=True)
+        return [OmegaConf.to_container(compose(config_name="config", overrides=job), resolve=True)
+                for job in expand(sweeper.get("params"), sweeper.get("grids"), base)]
+
+
+# Llama-2-7B and 13B: head_dim 128 (4096 / 32 and 5120 / 40 in their hub configs); stories260k: 8
+@pytest.mark.parametrize("experiment,scale,head_dim", [("less_llama2_7b", "gpu", 128), ("less_llama2_13b", "gpu", 128),
+                                                       ("less_llama2_7b", "cpu", 8)])
+def test_baseline_plus_holds_the_bytes_of_the_state_at_the_runs_dtype(experiment, scale, head_dim):
+    runs = grid_runs(experiment, scale)
+    dtype = getattr(torch, runs[0]["model"]["dtype"])
+    per_token = 2 * head_dim * torch.finfo(dtype).bits // 8  # keys and values of one token, one KV head
+    extra = measured_state_per_head(head_dim, dtype) // per_token
+    arch = ArchInfo(1, 1, 1, head_dim, 4096, torch.finfo(dtype).bits // 8)
+    assert LESS().baseline_plus_tokens(arch) == extra == (8 if dtype == torch.float16 else 4)
+    for less in (r["method"] for r in runs if r["method"]["name"] == "less"):
+        policy = less["base"]["name"]
+        budgets = sorted({r["method"]["budget"] for r in runs if r["method"]["name"] == policy
+                          and r["task"]["name"] == runs[0]["task"]["name"]})
+        assert less["base"]["budget"] + extra in budgets, (policy, budgets)
+
+
+def test_state_bytes_reach_the_metrics(stories, assets):
+    """A perplexity run reports the state's measured bytes, and its size in tokens of the model's dtype."""
+    from kvx.tasks.base import RunContext
+    from kvx.tasks.perplexity import Perplexity
+
+    model, tok = stories
+    arch = arch_of(model, tok)
+    eng = less_engine(model, tok, LAMBDA, random_maps(arch))
+    task = Perplexity(data_files=str(assets / "tinystories" / "validation_head.jsonl"), max_tokens=200, window=64,
+                      mode="masked")
+    m = task.run(eng, RunContext()).metrics
+    per_head = eng.method.state_bytes_per_head(arch)
+    assert m["state_bytes"] == per_head * arch.n_layers * arch.n_kv_heads == measured_state_per_head(8, torch.float32) \
+        * arch.n_layers * arch.n_kv_heads
+    assert m["state_tokens"] == per_head / (2 * arch.head_dim * 4) == 4.5
+    assert "state_bytes" not in Perplexity(data_files=task.data_files, max_tokens=200, window=64).run(
+        Engine(model, tok, Full()), RunContext()).metrics
+
+
+def test_fp16_state_of_thousands_of_large_tokens_stays_finite():
+    """At fp16 with large logits and a state that absorbed 4096 tokens of large values, the store's output equals
+    the float64 formula: the state stays float32 and the merge never exponentiates a positive number."""
+    torch.manual_seed(0)
+    B, Hq, Hkv, D, R, n, m = 1, 4, 2, 16, 8, 4096 + 8, 4096
+    maps = FeatureMaps(Hq, Hkv, D, R, 16, generator=torch.Generator().manual_seed(1)).eval().requires_grad_(False)
+    with torch.no_grad():
+        maps.psi_scale.fill_(1.0)
+    store = LowRankStore(DenseStore(), maps)
+    k = (torch.randn(B, Hkv, n, D) * 4).half()
+    v = (torch.randn(B, Hkv, n, D) * 200).half()
+    store.append(k, v, torch.arange(n).expand(B, Hkv, n))
+    store.keep(torch.arange(m, n).expand(B, Hkv, n - m))
+    assert float(store.H.abs().max()) > 65504  # beyond what an fp16 state could hold
+    q = (torch.randn(B, Hq, 1, D) * 40).half()  # logits in the hundreds
+    kn, vn = torch.randn(B, Hkv, 1, D).half(), torch.randn(B, Hkv, 1, D).half()
+    qpos = torch.full((B, 1), n)
+    out, _ = store.attend(q, kn, vn, qpos[:, None].expand(B, Hkv, 1), qpos, D**-0.5)
+    assert out.dtype == torch.float16 and torch.isfinite(out).all()
+    phi, psi = maps.phi(q), maps.psi(k)
+    for h in range(Hq):
+        kh = h // (Hq // Hkv)
+        H = psi[0, kh, :m].double().T @ v[0, kh, :m].double()
+        z = psi[0, kh, :m].double().sum(0)
+        want = naive_less(q[0, h, 0], torch.cat([k[0, kh, m:], kn[0, kh]]), torch.cat([v[0, kh, m:], vn[0, kh]]),
+                          phi[0, h, 0], H, z, D**-0.5)
+        torch.testing.assert_close(out[0, h, 0].double(), want, atol=2e-3 * float(want.abs().max()) + 1e-3, rtol=2e-3)

@@ -269,5 +269,11 @@ class LESS(Method):
             hook(engine, cache, t)
 
     def state_bytes_per_head(self, arch: ArchInfo) -> int:
-        """Bytes of one KV head's state (H and z, float32): what `Baseline+` gives the bare policy as extra tokens."""
+        """Bytes of one KV head's state (H and z, float32 whatever the model's dtype)."""
         return (self.rank * arch.head_dim + self.rank) * 4
+
+    def baseline_plus_tokens(self, arch: ArchInfo) -> int:
+        """Baseline+'s extra tokens: as many cached tokens (keys and values at the model's dtype) as the state's
+        bytes hold, rounded down. The state stays float32 (it sums many evicted tokens), so at fp16 it holds about
+        twice the tokens it would at equal dtype: 8 for rank 8 and head_dim 128, not 4."""
+        return self.state_bytes_per_head(arch) // (2 * arch.head_dim * arch.dtype_bytes)

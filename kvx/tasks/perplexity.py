@@ -140,7 +140,7 @@ class Perplexity(Task):
         wins = windows(len(ids), self.window, self.stride or self.window)
         total_nll, total_n, correct, peak, aux = 0.0, 0, 0, 0, 0
         acct: dict[str, int] = {}
-        score_bytes = 0
+        score_bytes = state_bytes = 0
         outputs = []
         t0 = time.perf_counter()
         groups = [wins[i : i + self.batch_size] for i in range(0, len(wins), self.batch_size)]
@@ -155,6 +155,7 @@ class Perplexity(Task):
                 peak = max(peak, stats["cache_bytes_peak"])
                 aux = max(aux, stats.get("cache_aux_bytes", 0))
                 score_bytes = max(score_bytes, stats.get("score_bytes", 0))
+                state_bytes = max(state_bytes, stats.get("state_bytes", 0))
                 for k, v in stats.items():
                     if k.startswith("acct_"):
                         acct[k] = acct.get(k, 0) + v
@@ -182,5 +183,9 @@ class Perplexity(Task):
             "score_bytes": score_bytes,
             "task_seconds": time.perf_counter() - t0,
         }
+        if state_bytes:  # a constant-size state beside the cached tokens (LESS): its bytes, and in tokens
+            a = engine.arch
+            metrics["state_bytes"] = state_bytes
+            metrics["state_tokens"] = state_bytes / (a.n_layers * a.n_kv_heads * 2 * a.head_dim * a.dtype_bytes)
         metrics.update(compression_metrics(acct))
         return TaskResult(metrics=metrics, outputs=outputs)

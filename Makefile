@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 THREADS := OMP_NUM_THREADS=2 OPENBLAS_NUM_THREADS=2 MKL_NUM_THREADS=2 TOKENIZERS_PARALLELISM=false
 
-.PHONY: setup run test test-slow lint bench tables notebook clean
+.PHONY: setup run test test-slow lint bench bench-results gpu-check tables notebook clean
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PY) -m venv $(VENV)
@@ -28,8 +28,15 @@ test-slow: $(STAMP)  ## slow tests: experiment scale=cpu variants, long equivale
 lint: $(STAMP)
 	$(BIN)/ruff check kvx scripts tests run.py
 
-bench: $(STAMP)
+bench: $(STAMP)  ## speed and memory per method (default grid) into outputs/bench/; ARGS="bench=scale": 1k..16k tokens
 	$(THREADS) $(BIN)/python scripts/bench.py $(ARGS)
+
+bench-results: $(STAMP)  ## both grids into results/bench/ (the committed tables)
+	$(THREADS) $(BIN)/python scripts/bench.py out=results/bench $(ARGS)
+	$(THREADS) $(BIN)/python scripts/bench.py bench=scale out=results/bench $(ARGS)
+
+gpu-check: $(STAMP)  ## on a GPU machine: Triton tests without the interpreter, the CUDA grid, decode bandwidth
+	bash scripts/gpu_check.sh $(ARGS)
 
 tables: $(STAMP)
 	$(THREADS) $(BIN)/python scripts/aggregate.py $(ARGS)

@@ -35,7 +35,7 @@ bench-results: $(STAMP)  ## both grids into results/bench/ (the committed tables
 	$(THREADS) $(BIN)/python scripts/bench.py out=results/bench $(ARGS)
 	$(THREADS) $(BIN)/python scripts/bench.py bench=scale out=results/bench $(ARGS)
 
-gpu-check: $(STAMP)  ## on a GPU machine: Triton tests without the interpreter, the CUDA grid, decode bandwidth
+gpu-check: $(STAMP)  ## on a GPU machine: Triton kernels natively against their twins, the CUDA grid, decode bandwidth
 	bash scripts/gpu_check.sh $(ARGS)
 
 tables: $(STAMP)

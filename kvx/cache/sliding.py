@@ -85,9 +85,12 @@ class WindowedStore(DenseStore):
         real = pos[pos >= 0]
         return bool(real.numel()) and int(qpos.max()) - int(real.min()) >= self.window
 
-    def attend(self, q, k_new, v_new, pos_new, qpos, scaling, return_probs=False):
+    def attend(self, q, k_new, v_new, pos_new, qpos, scaling, return_probs=False, probs_fn=None):
+        """DenseStore.attend with the window and the cap; `probs_fn(probs, 0)` gets all probabilities at once."""
         if self.softcap is None and not self._binds(pos_new, qpos):
-            return super().attend(q, k_new, v_new, pos_new, qpos, scaling, return_probs)
+            if probs_fn is None:
+                return super().attend(q, k_new, v_new, pos_new, qpos, scaling, return_probs)
+            return super().attend(q, k_new, v_new, pos_new, qpos, scaling, return_probs, probs_fn=probs_fn)
         if self.k is None:
             k, v, kpos = k_new, v_new, pos_new
         else:
@@ -95,7 +98,11 @@ class WindowedStore(DenseStore):
             v = torch.cat([self.values(), v_new], dim=2)
             kpos = torch.cat([self.pos, pos_new.to(self.pos.dtype)], dim=2)
         allowed = window_allowed(kpos, qpos, self.window)
-        return capped_attention(q, k, v, allowed, scaling, self.softcap, return_probs)
+        out, probs = capped_attention(q, k, v, allowed, scaling, self.softcap, return_probs or probs_fn is not None)
+        if probs_fn is not None:
+            probs_fn(probs, 0)
+            return out, None
+        return out, probs
 
     def masked_attention(self, q, k, v, allowed, scaling, evicted=None):
         out, _ = capped_attention(q, k, v, allowed, scaling, self.softcap)

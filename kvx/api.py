@@ -209,5 +209,6 @@ class Pipeline:
         return int(self.stats.get("cache_bytes_peak", 0))
 
     def kept_positions(self) -> list[torch.Tensor]:
-        """Per layer, the token indices the cache holds, [Hkv, n] (one row per KV head, in slot order)."""
+        """Per layer, the token indices the cache holds, [Hkv, n] (one row per KV head, in slot order; -1: a padding
+        slot, as when heads hold different numbers of tokens)."""
         return [layer.store.pos[0].long().cpu() for layer in self._held().layers]

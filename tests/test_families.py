@@ -156,3 +156,21 @@ def test_falcon_is_refused():
     cfg = T.FalconConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=256)
     with pytest.raises(UnsupportedModelError, match="AttentionInterface"):
         arch_info(T.FalconForCausalLM(cfg))
+
+
+def test_softcap_scores_masked_equals_stream():
+    """Attention-scored eviction on a softcapping model: the scores come from the capped probabilities in both modes."""
+    model = build("gemma2")
+    cap = 1.0
+    model.config.attn_logit_softcapping = cap
+    for m in model.modules():  # larger logits, so that the cap reshapes the probabilities the scores sum
+        if hasattr(m, "attn_logit_softcapping"):
+            m.attn_logit_softcapping = cap
+            m.q_proj.weight.data *= 10
+            m.k_proj.weight.data *= 10
+    torch.manual_seed(1)
+    ids = torch.randint(3, 256, (1, T_LEN))
+    eng = Engine(model, None, H2O(budget=12, recent=2))
+    nll_s, _ = eng.score_window(ids, mode="stream")
+    nll_m, _ = eng.score_window(ids, mode="masked")
+    torch.testing.assert_close(nll_s, nll_m, atol=1e-5, rtol=0)

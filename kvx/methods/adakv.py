@@ -99,9 +99,10 @@ def head_counts(pos: torch.Tensor) -> torch.Tensor:
 class AdaptivePolicy(LayerPolicy):
     """Wraps a scored policy: its scores accumulate as usual; eviction shares the layer's budget among the heads."""
 
-    def __init__(self, inner: ScoredPolicy, alpha: float):
+    def __init__(self, inner: ScoredPolicy, alpha: float, n_kv_heads: int):
         self.inner = inner
         self.alpha = alpha
+        self.n_kv_heads = n_kv_heads
 
     def __getattr__(self, name):  # everything but eviction is the base policy's (needs_probs, observe, ...)
         if name == "inner":
@@ -114,7 +115,8 @@ class AdaptivePolicy(LayerPolicy):
 
     @property
     def budget(self) -> int:
-        return self.inner.budget
+        """The most slots one head may hold: the whole layer's budget."""
+        return self.n_kv_heads * self.inner.budget
 
     def observe(self, store, q, probs) -> None:
         self.inner.observe(store, q, probs)
@@ -129,13 +131,13 @@ class AdaptivePolicy(LayerPolicy):
         return 0 if store.n == 0 else int(head_counts(store.pos).sum(dim=1).max())
 
     def before_attend(self, store, t: int) -> None:
-        b = self.budget
-        if store.n and t < b and self._held(store) + store.pos.shape[1] * t > store.pos.shape[1] * b:
+        b, H = self.inner.budget, self.n_kv_heads
+        if store.n and t < b and self._held(store) + H * t > H * b:
             self.evict_to(store, b - t)
 
     def end_step(self, store) -> None:
-        if store.n and self._held(store) > store.pos.shape[1] * self.budget:
-            self.evict_to(store, self.budget)
+        if store.n and self._held(store) > self.n_kv_heads * self.inner.budget:
+            self.evict_to(store, self.inner.budget)
 
     def evict_to(self, store, m: int) -> None:
         """Keep n_kv_heads x m real tokens per sequence: each head's top alpha x m, then the best over the heads."""
@@ -207,7 +209,7 @@ class AdaKV(Method):
             raise ConfigError("method.base.name", f"{self.base_method.name!r} ranks slots without a per-slot score "
                                                   "that heads can share; give a scored method (snapkv, h2o, knorm, "
                                                   "observed_attention, ...)")
-        return AdaptivePolicy(policy, float(self.alpha_safeguard))
+        return AdaptivePolicy(policy, float(self.alpha_safeguard), arch.n_kv_heads)
 
     def bind(self, engine) -> None:
         self.base_method.bind(engine)

@@ -45,7 +45,7 @@ def arch_info(model) -> ArchInfo:
         raise UnsupportedModelError(
             f"model architecture {cls} ({cfg.model_type}) does not route attention through transformers' "
             "AttentionInterface, so kvx cannot drive its cache. Supported: decoder-only models whose attention uses "
-            "the attention interface (Llama, Mistral, Qwen2, Gemma, Phi3, ...)."
+            "the attention interface (tested: Llama, Mistral, Qwen2/3, Gemma 2/3, Phi-3, OPT)."
         )
     text_cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
     n_heads = getattr(text_cfg, "num_attention_heads", None)

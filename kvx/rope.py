@@ -25,6 +25,9 @@ def find_rotary_embedding(model):
     for m in model.modules():
         if type(m).__name__.endswith("RotaryEmbedding") and hasattr(m, "inv_freq"):
             return m
+        if type(m).__name__.endswith("RotaryEmbedding") and len(getattr(m, "layer_types", ())) > 1:
+            raise UnsupportedModelError(f"{type(model).__name__} rotates keys differently per layer type "
+                                        f"({', '.join(m.layer_types)}): its keys cannot be re-rotated")
     raise UnsupportedModelError(f"{type(model).__name__} has no rotary embedding module: its keys cannot be re-rotated")
 
 

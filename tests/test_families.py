@@ -174,3 +174,9 @@ def test_softcap_scores_masked_equals_stream():
     nll_s, _ = eng.score_window(ids, mode="stream")
     nll_m, _ = eng.score_window(ids, mode="masked")
     torch.testing.assert_close(nll_s, nll_m, atol=1e-5, rtol=0)
+
+
+def test_gemma3_refuses_rerotation():
+    """Gemma 3 rotates local and global layers with different RoPE bases: methods that re-rotate keys are refused."""
+    with pytest.raises(UnsupportedModelError, match="per layer type"):
+        Engine(build("gemma3"), None, StreamingLLM(budget=12, sink=2, reindex=True))

@@ -405,7 +405,8 @@ def _child(conn, job) -> None:
         conn.close()
 
 
-def run_isolated(job: dict, isolate: bool) -> dict:
+def run_isolated(job: dict, isolate: bool, timeout: float | None = None) -> dict:
+    """measure_point in a forked process (or in this one); a point that runs past `timeout` seconds is stopped."""
     if not isolate:
         try:
             return {"status": "ok", **measure_point(job)}
@@ -417,7 +418,11 @@ def run_isolated(job: dict, isolate: bool) -> dict:
     proc.start()
     send.close()
     try:
-        status, payload = recv.recv()
+        if recv.poll(timeout):
+            status, payload = recv.recv()
+        else:
+            proc.kill()
+            status, payload = "error", f"stopped after {timeout:.0f} s (grid.point_timeout_s)"
     except EOFError:
         status, payload = "error", f"the process died (exit code {proc.join() or proc.exitcode}; out of memory?)"
     proc.join()
@@ -475,13 +480,17 @@ def measure(cfg: DictConfig) -> dict:
         os.environ["MALLOC_TRIM_THRESHOLD_"] = str(2**20)
     runs: dict[tuple, list[dict]] = {}
     t_start = time.perf_counter()
+    budget_s = 60 * float(grid.get("max_minutes") or "inf")
     for rep in range(int(grid["repeats"])):
         for model_key, B, T, names in points:
             for name in names:
-                job = {"model": models[model_key][0], "tokenizer": models[model_key][1], "entry": entries[name], "grid": grid, "budget": int(cfg.budget),
-                       "batch": B, "context": T, "seed": int(cfg.seed), "threads": int(cfg.threads)}
+                if rep and time.perf_counter() - t_start > budget_s:  # later sweeps only while time is left
+                    continue
+                job = {"model": models[model_key][0], "tokenizer": models[model_key][1], "entry": entries[name],
+                       "grid": grid, "budget": int(cfg.budget), "batch": B, "context": T, "seed": int(cfg.seed),
+                       "threads": int(cfg.threads)}
                 t0 = time.perf_counter()
-                r = run_isolated(job, isolate)
+                r = run_isolated(job, isolate, grid.get("point_timeout_s"))
                 runs.setdefault((model_key, name, B, T), []).append(r)
                 what = r["status"]
                 if what == "ok":

@@ -250,3 +250,21 @@ def test_gpu_check_dry_run_says_unmeasured(gpu_check, tmp_path):
     md = (tmp_path / "cuda.md").read_text()
     assert md.splitlines()[2] == f"Command: `python scripts/gpu_check.py --dry-run --out {tmp_path}`"
     assert "**Unmeasured**" in md and "make gpu-check" in md and "| unmeasured |" in md and "GB/s" in md
+
+
+def test_eval_throughput_through_the_runner(bench):
+    cfg = bench_cfg(["eval.max_tokens=80", "eval.methods=[streaming_llm, sirllm]", "eval.modes=[stream, masked]",
+                     "eval.overrides=['task.window=32']"])
+    rows = {(r["mode"], r["method"]): r for r in bench.eval_throughput(cfg)}
+    assert rows[("stream", "full")]["vs_full"] == 1.0 and rows[("stream", "full")]["tokens"] == 79
+    assert rows[("masked", "streaming_llm")]["tok_s"] > 0 and rows[("stream", "sirllm")]["status"] == "ok"
+    assert rows[("masked", "sirllm")]["status"] == "n/a (no masked form)"
+
+
+def test_a_point_past_its_timeout_is_stopped(bench, tiny):
+    model, tok = tiny
+    job = {"model": model, "tokenizer": tok, "entry": {"method": {"name": "full"}}, "budget": 16, "batch": 1,
+           "context": 400, "seed": 0, "threads": 1,
+           "grid": {"warmup_tokens": 400, "new_tokens": 50, "prefill_chunk": 64}}
+    r = bench.run_isolated(job, isolate=True, timeout=0.01)
+    assert r["status"].startswith("error: stopped after 0 s")

@@ -441,6 +441,8 @@ def grid_points(cfg: DictConfig) -> list[tuple[str, int, int, list[str]]]:
         if model_key not in cfg.models:
             raise ConfigError("grid.models", f"unknown model {model_key!r}; defined: {', '.join(cfg.models)}")
         for p in cfg.grid.points:
+            if p.get("models") is not None and model_key not in p.models:
+                continue
             names = labels if p.systems == "all" else list(p.systems)
             unknown = [s for s in names if s not in labels]
             if unknown:
@@ -505,7 +507,8 @@ def measure(cfg: DictConfig) -> dict:
         "isolated": isolate, "wall_s": time.perf_counter() - t_start,
     }
     return {"rows": rows, "models": infos, "grid": grid, "name": cfg.name, "budget": int(cfg.budget), "env": env,
-            "systems": list(entries), "kinds": {k: system_kind(v) for k, v in entries.items()}, "entries": entries}
+            "systems": list(entries), "kinds": {k: system_kind(v) for k, v in entries.items()}, "entries": entries,
+            "notes": [str(n) for n in cfg.get("notes", [])] + [str(n) for n in grid.get("notes", [])]}
 
 
 def system_kind(entry: dict) -> str:
@@ -725,6 +728,8 @@ def write_report(res: dict, evals: list[dict], goals: list[dict], out_dir: Path,
             "(CUDA allocator peak, reset at each phase)."),
          "The machine is shared: timings are noisy, so only ratios of numbers measured side by side in this run are "
          "compared against the goals.\n"]
+    if res.get("notes"):
+        L += ["## Notes\n", *[f"- {n}" for n in res["notes"]], ""]
     L += ["## Models\n", "| model | layers | hidden | heads / KV heads | head_dim | intermediate | vocab | dtype | "
           "params | cache bytes / weight bytes per token of context (x B x T) | reference | reference's | ours / "
           "reference's |", "|---|---:|---:|---|---:|---:|---:|---|---:|---:|---|---:|---:|"]

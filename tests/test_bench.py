@@ -268,3 +268,14 @@ def test_a_point_past_its_timeout_is_stopped(bench, tiny):
            "grid": {"warmup_tokens": 400, "new_tokens": 50, "prefill_chunk": 64}}
     r = bench.run_isolated(job, isolate=True, timeout=0.01)
     assert r["status"].startswith("error: stopped after 0 s")
+
+
+def test_grids_compose_and_a_point_may_name_its_models(bench):
+    for grid in ("default", "scale", "cuda"):
+        cfg = bench_cfg([f"bench={grid}"])
+        pts = bench.grid_points(cfg)
+        assert pts and cfg.name == grid
+    pts = bench.grid_points(bench_cfg())
+    assert ("gqa", 8, 1024) in {p[:3] for p in pts} and ("mha", 8, 1024) not in {p[:3] for p in pts}
+    scale = {p[:3]: p[3] for p in bench.grid_points(bench_cfg(["bench=scale"]))}
+    assert scale[("gqa", 1, 16384)] == [bench.system_label(e, 512) for e in bench_cfg().systems]

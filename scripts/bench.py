@@ -716,7 +716,8 @@ def write_report(res: dict, evals: list[dict], goals: list[dict], out_dir: Path,
     L = ["# kvx decode benchmark: random Llamas of 7B attention geometry\n", f"Command: `{command}`\n",
          f"Grid `{res['name']}`. Device: {env['device']} ({env['device_type']}), torch {env['torch']}, "
          f"{env['threads']} thread(s), kernels={env['kernels']} (Triton decode in use: {env['triton_decode']}). "
-         f"Measured in {env['wall_s'] / 60:.1f} minutes (grid) + the evaluation-throughput runs.",
+         f"Run time: {env['wall_s'] / 60:.1f} minutes for the grid"
+         + (f", {env['eval_s'] / 60:.1f} for the evaluation-throughput runs." if env.get("eval_s") else "."),
          f"Per point: a prompt of random token ids, {grid['new_tokens']} greedy new tokens, kvx prefill in chunks of "
          f"{grid['prefill_chunk']}; a warm-up on the first {grid['warmup_tokens']} tokens first; median of "
          f"{grid['repeats']} sweep(s) of the grid. Budget {res['budget']} tokens per KV head and layer for every "
@@ -849,7 +850,9 @@ def print_goals(goals: list[dict]) -> None:
 def main(cfg: DictConfig) -> None:
     command = "python scripts/bench.py" + "".join(" " + shlex.quote(a) for a in sys.argv[1:])
     res = measure(cfg)
+    t0 = time.perf_counter()
     evals = eval_throughput(cfg) if cfg.eval.enabled else []
+    res["env"]["eval_s"] = time.perf_counter() - t0 if evals else None
     goals = evaluate_goals(res, evals, int(cfg.long_context), int(cfg.short_context))
     print_goals(goals)
     out_dir = Path(cfg.out) / cfg.name

@@ -144,10 +144,50 @@ def build_model_config(node):
 SEMANTIC_KEYS = ("model", "method", "task", "seed", "kernels")
 
 
+def _normalize(x: Any) -> Any:
+    """Numbers as they mean: a float with an integral value is that int (budget=1e3 is budget=1000)."""
+    if isinstance(x, float) and x.is_integer():
+        return int(x)
+    if isinstance(x, dict):
+        return {k: _normalize(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_normalize(v) for v in x]
+    return x
+
+
+def input_paths(node: Any) -> list[str]:
+    """Local files and folders a config names (task.data_files, LESS kernel folders, prompt files ...): every string
+    value that looks like a path and exists."""
+    from pathlib import Path
+
+    out: list[str] = []
+    if isinstance(node, dict):
+        for v in node.values():
+            out += input_paths(v)
+    elif isinstance(node, list):
+        for v in node:
+            out += input_paths(v)
+    elif isinstance(node, str) and ("/" in node or node.startswith("~")) and "\n" not in node and len(node) < 4096:
+        try:
+            if Path(node).expanduser().exists():
+                out.append(node)
+        except OSError:
+            pass
+    return out
+
+
 def config_hash(cfg: DictConfig) -> str:
-    """Short hash of what determines a run's numbers (not where it is written or logged)."""
+    """Short hash of what determines a run's numbers (not where it is written or logged): model, method, task, seed
+    and kernels with numbers normalised, and the content digest (sha256) of every local input file the method and
+    task name, so that editing a data file or retraining LESS kernels in place makes a new run."""
+    from kvx.digests import path_digest
+
     data = {k: OmegaConf.to_container(cfg[k], resolve=True) if isinstance(cfg.get(k), DictConfig) else cfg.get(k)
             for k in SEMANTIC_KEYS if k in cfg}
+    data = _normalize(data)
+    inputs = {p: path_digest(p) for k in ("method", "task") for p in input_paths(data.get(k))}
+    if inputs:
+        data["inputs"] = inputs
     # local asset locations differ between machines without changing the numbers
     blob = json.dumps(data, sort_keys=True, default=str)
     from kvx.assets import REPO_ROOT, assets_dir

@@ -19,3 +19,17 @@ class DataError(KVXError, ValueError):
 
 class UnsupportedModelError(KVXError, ValueError):
     """The engine cannot drive this model architecture."""
+
+
+AMBIGUOUS_ONE = "1.0 is ambiguous (one token, or all of them?): write 1 for one token or a fraction below 1"
+
+_WARNED: set[str] = set()
+
+
+def warn_once(message: str) -> None:
+    """Print `kvx: warning: <message>` on stderr, once per process for each distinct message."""
+    import sys
+
+    if message not in _WARNED:
+        _WARNED.add(message)
+        print(f"kvx: warning: {message}", file=sys.stderr)

@@ -34,6 +34,7 @@ from kvx.errors import ConfigError, DataError, UnsupportedModelError
 from kvx.kernels import reference
 from kvx.methods.base import ArchInfo, Method, resolve_tokens
 from kvx.methods.less import FORMAT, RECORD, build_policy_method, policy_record, read_record, save_layer
+from kvx.tasks.base import read_jsonl, read_text
 
 
 @dataclass
@@ -117,19 +118,9 @@ def _read_documents(data: TrainData) -> list[str]:
         if not p.is_file():
             raise DataError(f"train_data.files: {p} does not exist")
         if p.suffix in (".jsonl", ".json"):
-            with p.open(encoding="utf-8") as fh:
-                for n, line in enumerate(fh, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        row = json.loads(line)
-                    except json.JSONDecodeError as e:
-                        raise DataError(f"train_data.files: {p} line {n} is not JSON ({e})") from e
-                    if data.text_field not in row:
-                        raise DataError(f"train_data.files: {p} line {n} has no field {data.text_field!r}")
-                    docs.append(str(row[data.text_field]))
+            docs += [r[data.text_field] for r in read_jsonl(p, required=[data.text_field], text=[data.text_field])]
         else:
-            docs.append(p.read_text(encoding="utf-8"))
+            docs.append(read_text(p))
     docs = docs[data.skip_rows :]
     if data.max_rows is not None:
         docs = docs[: data.max_rows]

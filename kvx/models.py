@@ -71,6 +71,10 @@ class ModelConfig:
                 raise ConfigError("model.hidden_size", f"must be a multiple of num_heads={self.num_heads}")
         elif not self.name_or_path:
             raise ConfigError("model.name_or_path", "is empty: give a hub id, a local folder or a .gguf file")
+        elif os.path.isdir(self.name_or_path) and not self.gguf_file \
+                and not os.path.isfile(os.path.join(self.name_or_path, "config.json")):
+            raise ConfigError("model.name_or_path", f"{self.name_or_path} has no config.json: not a Hugging Face model "
+                                                    "folder (config.json, tokenizer and weights)")
 
 
 def resolve_device(device: str) -> str:

@@ -1,18 +1,20 @@
-"""Metric sinks (W&B or none) and the atomic results writer."""
+"""Metric sinks (W&B or none) and the JSON writers of a run folder (kvx/results.py stages and publishes it)."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 
 class NullLogger:
+    offline_dir: Path | None = None
+
     def log_metrics(self, metrics: dict) -> None:
+        pass
+
+    def log_summary(self, metrics: dict) -> None:
         pass
 
     def log_outputs(self, outputs: list[dict]) -> None:
@@ -47,15 +49,25 @@ class WandbLogger:
             reinit="finish_previous",
             settings=wandb.Settings(silent=True, console="off", x_disable_stats=True),
         )
+        self.offline = mode == "offline"
 
     def log_metrics(self, metrics: dict) -> None:
-        self.run.log({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+        """One step (training curves)."""
+        self.run.log(_numeric(metrics))
+
+    def log_summary(self, metrics: dict) -> None:
+        """A finished run's metrics: the run's summary (what W&B tables and comparisons show)."""
         for k, v in metrics.items():
             self.run.summary[k] = v
 
     def log_outputs(self, outputs: list[dict]) -> None:
+        """Each window or example as one step (its numeric fields: nll, acc, score ...), and the whole as a table."""
         if not outputs:
             return
+        for i, row in enumerate(outputs):
+            values = _numeric(row)
+            if values:
+                self.run.log(values, step=i)
         cols = sorted({k for row in outputs for k in row})
         table = self.wandb.Table(columns=cols)
         for row in outputs:
@@ -69,8 +81,27 @@ class WandbLogger:
         self.run.finish()
 
 
+def _numeric(d: dict) -> dict:
+    return {k: v for k, v in d.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
 def _cell(v: Any) -> Any:
     return v if isinstance(v, (int, float, str, bool)) or v is None else json.dumps(v, default=str)
+
+
+def run_name(method: dict, task: str) -> str:
+    """A readable W&B run name: the method, its budget (or bits) and any inner method's, then the task,
+    e.g. `h2o budget=64 · tinystories`, `kivi bits=2 + h2o budget=64 · hellaswag`."""
+
+    def part(m: dict) -> str:
+        words = [str(m.get("name", "?"))]
+        words += [f"{k}={m[k]}" for k in ("budget", "bits", "key_bits", "value_bits") if m.get(k) is not None]
+        for inner in ("base", "evict"):
+            if isinstance(m.get(inner), dict):
+                words.append("+ " + part(m[inner]))
+        return " ".join(words)
+
+    return f"{part(method)} · {task}"
 
 
 def make_logger(cfg: dict, run_dir: Path, config: dict, name: str):
@@ -92,22 +123,3 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
     with path.open("w", encoding="utf-8") as fh:
         for row in rows:
             fh.write(json.dumps(row, default=str, ensure_ascii=False) + "\n")
-
-
-@contextlib.contextmanager
-def staging_dir(final: Path):
-    """A temporary folder beside `final`; moved into place only if the block succeeds (a crash leaves nothing)."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = None
-    if final.exists():
-        old = final.parent / f".{final.name}.old-{os.getpid()}"
-        os.replace(final, old)
-    os.replace(tmp, final)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)

@@ -22,7 +22,9 @@ def compose_cfg(overrides: list[str]):
         return compose(config_name="config", overrides=overrides, return_hydra_config=False)
 
 
-def run_cli(args: list[str], cwd: Path | None = None, timeout: int = 300, threads: int = 2) -> subprocess.CompletedProcess:
+def run_cli(args: list[str], cwd: Path | None = None, timeout: int | None = None,
+            threads: int = 2) -> subprocess.CompletedProcess:
+    """run.py in a subprocess. No time limit by default: a slow machine must not fail a test (CI has its own)."""
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), OPENBLAS_NUM_THREADS=str(threads), WANDB_SILENT="true")
     return subprocess.run([sys.executable, str(REPO / "run.py"), *args], cwd=cwd or REPO, env=env,
                           capture_output=True, text=True, timeout=timeout)

@@ -2,6 +2,7 @@
 and every run of each grid builds (model, method and task validate) at both scales."""
 
 import importlib.util
+import shutil
 import sys
 
 import pytest
@@ -91,7 +92,9 @@ def test_hash_ignores_where_the_checkout_lives(monkeypatch, tmp_path):
     assert kernels.startswith(str(REPO))
     h = config_hash(here)
     other = tmp_path / "elsewhere"
+    shutil.copytree(kernels, f"{other}{kernels[len(str(REPO)):]}")  # the same files (their digests are hashed)
     moved = compose_cfg(["method=less", f"method.kernels={other}{kernels[len(str(REPO)):]}"])
     assert config_hash(moved) != h
+    monkeypatch.setenv("KVX_ASSETS", str(kvx.assets.assets_dir()))  # the data stays where it is
     monkeypatch.setattr(kvx.assets, "REPO_ROOT", other)
     assert config_hash(moved) == h

@@ -24,8 +24,7 @@ def test_killed_sweep_restarts_with_the_missing_runs_only(tmp_path):
     proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             start_new_session=True)
     try:
-        deadline = time.time() + 240
-        while not _done(tmp_path) and proc.poll() is None and time.time() < deadline:
+        while not _done(tmp_path) and proc.poll() is None:  # no deadline: a slow machine only waits longer
             time.sleep(0.05)
     finally:
         if proc.poll() is None:

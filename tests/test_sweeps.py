@@ -67,3 +67,43 @@ def test_qaq_experiment_launches_and_selects(tmp_path):
     (qaq,) = [p for p in _done(tmp_path) if p.parent.parent.name == "qaq"]
     cfg = (qaq.parent / "config.yaml").read_text()
     assert "key_error: 0.2" in cfg and "value_error: 0.2" in cfg
+
+
+def test_bad_point_does_not_abort_the_sweep_and_the_sweep_reports(tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    import json
+
+    args = ["-m", "method=streaming_llm", "method.budget=8,16", "method.sink=8", "task.max_tokens=300", "progress=false",
+            f"results_dir={tmp_path}", "logger=wandb"]
+    out = run_cli(args, threads=1)
+    assert out.returncode == 1, out.stderr[-3000:]  # one point failed
+    assert "Traceback" not in out.stderr
+    assert out.stderr.count("kvx: error: method.sink: must be smaller than method.budget=8") == 1
+    assert "kvx: 1 of 2 sweep points failed" in out.stderr
+    assert "[kvx] sweep: 2 runs, 0 already done, 2 to run" in out.stdout
+    (budget16,) = _done(tmp_path)
+    assert "budget: 16" in (budget16.parent / "config.yaml").read_text()
+    (sweep,) = (tmp_path / ".sweeps").iterdir()
+    rows = {r["status"]: r for r in (json.loads(p.read_text()) for p in sweep.glob("*/status.json"))}
+    assert set(rows) == {"failed", "done"} and "method.sink" in rows["failed"]["error"]
+    assert rows["done"]["folder"] == str(budget16.parent) and rows["done"]["metric"] == "ppl"
+    table = out.stdout[out.stdout.index(f"[kvx] sweep {sweep}"):]
+    assert "1 done, 0 skipped, 1 failed" in table and "method.budget=8" in table and "method.budget=16" in table
+    # W&B: grouped by sweep, a readable name, one sync command for the offline runs
+    (offline,) = budget16.parent.glob("wandb/offline-run-*")
+    assert f"[kvx] W&B offline runs: wandb sync {offline}" in out.stdout
+    record = next(offline.glob("*.wandb")).read_bytes()
+    assert f"sweep-{sweep.name}".encode() in record and "streaming_llm budget=16 · tinystories".encode() in record
+    # started again: the done point is announced and skipped (its metrics printed), the bad one fails again
+    out = run_cli(args, threads=1)
+    assert out.returncode == 1 and "[kvx] sweep: 2 runs, 1 already done, 1 to run" in out.stdout
+    assert "[kvx]   done: " in out.stdout and '"ppl"' in out.stdout and "[kvx] skipped" in out.stdout
+
+
+def test_empty_sweep_folders_are_not_left(tmp_path):
+    out = run_cli(["-m", "method.name=full", "task.max_tokens=300", "progress=false", f"results_dir={tmp_path}"],
+                  threads=1)
+    assert out.returncode == 0, out.stderr[-3000:]
+    folders = [p for p in (tmp_path / ".sweeps").rglob("*") if p.is_dir()]
+    assert folders and all(any(p.iterdir()) for p in folders)

@@ -24,7 +24,7 @@ from typing import ClassVar
 import torch
 
 from kvx.cache.dense import DenseStore, Store
-from kvx.errors import ConfigError
+from kvx.errors import AMBIGUOUS_ONE, ConfigError, warn_once
 
 
 @dataclass(frozen=True)
@@ -50,6 +50,8 @@ def resolve_tokens(value: int | float, field: str, seq_len: int | None, max_posi
     """An int is tokens; a float in (0, 1) is a fraction of the sequence length (rounded down, at least 1)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ConfigError(field, f"must be an int (tokens) or a float in (0, 1) (fraction), got {value!r}")
+    if isinstance(value, float) and value == 1.0:
+        raise ConfigError(field, AMBIGUOUS_ONE)
     if isinstance(value, float) and not value.is_integer():
         if not 0.0 < value < 1.0:
             raise ConfigError(field, f"a fraction must lie in (0, 1), got {value}")
@@ -60,6 +62,8 @@ def resolve_tokens(value: int | float, field: str, seq_len: int | None, max_posi
     value = int(value)
     if value <= 0:
         raise ConfigError(field, f"must be > 0, got {value}")
+    if seq_len is not None and value >= seq_len:
+        warn_once(f"{field}={value} is at or above the sequence length ({seq_len}): nothing is evicted")
     return value
 
 

@@ -23,7 +23,7 @@ from typing import ClassVar
 import torch
 
 from kvx.cache.dense import Store
-from kvx.errors import ConfigError
+from kvx.errors import AMBIGUOUS_ONE, ConfigError, warn_once
 from kvx.methods.base import ArchInfo, LayerPolicy, Method, ScoredPolicy
 
 SCHEDULES = ("uniform", "pyramid")
@@ -35,6 +35,8 @@ def check_amount(value, field: str, allow_zero: bool = False) -> None:
     """An amount of tokens: an int (>= 1, or >= 0 with allow_zero) or a float fraction in (0, 1)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ConfigError(field, f"must be an int (tokens) or a float in (0, 1) (a fraction), got {value!r}")
+    if isinstance(value, float) and value == 1.0:
+        raise ConfigError(field, AMBIGUOUS_ONE)
     if isinstance(value, float) and not value.is_integer():
         if not 0.0 < value < 1.0:
             raise ConfigError(field, f"a fraction must lie in (0, 1), got {value}")
@@ -170,6 +172,8 @@ class EvictionMethod(Method, ABC):
     def make_policy(self, layer_idx: int, arch: ArchInfo, seq_len: int | None) -> LayerPolicy:
         budget, reserved = self.layer_budget(layer_idx, arch, seq_len)
         if seq_len is not None and budget >= seq_len:
+            warn_once(f"method.budget={self.budget} keeps {budget} tokens per layer, at or above the sequence length "
+                      f"({seq_len}): nothing is evicted")
             return WithinBudget(budget, seq_len, layer_idx)
         return self.build_policy(layer_idx, budget, reserved, arch)
 

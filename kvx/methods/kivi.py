@@ -22,7 +22,7 @@ from kvx.registry import METHODS
 @dataclass
 class KIVI(QuantMethod):
     name: str = "kivi"
-    bits: int = 2  # KIVI uses 2 or 4; 1..8 packed, 16 = full precision
+    bits: int = 2  # KIVI uses 2 or 4; 1..15 packed, 16 = full precision
     group_size: int = 32  # tokens per key group; channels per value group (capped at head_dim)
     residual: int = 128  # fewest recent tokens held in full precision
     outliers: float = 0.0  # fraction of each group held exactly (KIVI itself keeps none)

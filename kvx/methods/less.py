@@ -85,8 +85,11 @@ def read_record(folder: Path) -> dict:
     if not path.is_file():
         raise ConfigError("method.kernels", f"{folder} holds no {RECORD}: not a LESS kernels folder written by "
                                             "scripts/train_less.py")
-    record = json.loads(path.read_text(encoding="utf-8"))
-    if record.get("format") != FORMAT:
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise ConfigError("method.kernels", f"{path} is corrupt (not valid JSON): retrain with scripts/train_less.py") from None
+    if not isinstance(record, dict) or record.get("format") != FORMAT:
         raise ConfigError("method.kernels", f"{path}: unknown format {record.get('format')!r} (expected {FORMAT})")
     return record
 
@@ -109,15 +112,17 @@ def load_layer(folder: Path, layer: int) -> tuple[FeatureMaps, dict]:
     from safetensors import safe_open
 
     path = layer_file(folder, layer)
-    with safe_open(str(path), framework="pt") as fh:
-        meta = fh.metadata() or {}
-        tensors = {k: fh.get_tensor(k) for k in fh.keys()}
-    geo = json.loads(meta.get("geometry", "{}"))
     try:
+        with safe_open(str(path), framework="pt") as fh:
+            meta = fh.metadata() or {}
+            tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+        geo = json.loads(meta.get("geometry", "{}"))
         maps = FeatureMaps(geo["n_heads"], geo["n_kv_heads"], geo["head_dim"], geo["rank"], geo["hidden"])
         maps.load_state_dict(tensors)
-    except (KeyError, RuntimeError) as e:
-        raise ConfigError("method.kernels", f"{path}: not a LESS feature-map file ({e})") from e
+    except Exception as e:  # noqa: BLE001  safetensors raises its own SafetensorError on a truncated or corrupt file
+        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ConfigError("method.kernels", f"{path} is corrupt or not a LESS feature-map file ({why}): "
+                                            "retrain with scripts/train_less.py") from None
     maps.eval().requires_grad_(False)
     return maps, json.loads(meta.get("metrics", "{}"))
 

@@ -23,7 +23,7 @@ from kvx.registry import METHODS
 @dataclass
 class Uniform(QuantMethod):
     name: str = "uniform"
-    bits: int = 4  # 1..8 packed (up to 15 allowed), 16 = full precision
+    bits: int = 4  # 1..15 packed, 16 = full precision
     key_bits: int | None = None  # null: bits
     value_bits: int | None = None  # null: bits
     key_axis: str = "token"  # token | channel

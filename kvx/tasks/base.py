@@ -48,6 +48,14 @@ class Task(ABC):
         if self.limit is not None and self.limit <= 0:
             raise ConfigError("task.limit", f"must be a positive number of examples or null, got {self.limit}")
 
+    def check(self) -> None:
+        """Check the task's local inputs (paths exist, rows parse and carry the fields the task reads) before the
+        model loads: a typo then costs seconds, not a model load. The base checks that every data file exists;
+        tasks that read files override it (and reuse the readers their `run` uses)."""
+        for p in data_paths(self.data_files):
+            if not p.exists():
+                raise DataError(f"task.data_files: {p} does not exist")
+
     @abstractmethod
     def run(self, engine, ctx: RunContext) -> TaskResult:
         """Read the examples, run them through the engine, score them."""
@@ -56,24 +64,59 @@ class Task(ABC):
         return dataclasses.asdict(self)
 
 
-def read_jsonl(path: str | Path, required: Iterable[str] = ()) -> list[dict]:
-    """Rows of a jsonl file; a missing file, an empty file, bad JSON or a missing field names the file and row."""
+def _kind(value: Any) -> str:
+    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null"}.get(
+        type(value), "a number")
+
+
+def not_utf8(path: Path, data: bytes, err: UnicodeDecodeError) -> DataError:
+    row = data[: err.start].count(b"\n") + 1
+    return DataError(f"{path}, row {row}: not UTF-8 text (byte 0x{data[err.start]:02x}); expected a UTF-8 text file")
+
+
+def read_text(path: str | Path) -> str:
+    """A UTF-8 text file; a missing file or bytes that are not UTF-8 (a binary file) name the file and the row."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"data file {path} does not exist")
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise not_utf8(path, data, e) from None
+
+
+def parse_rows(lines: Iterable[str], where: str, required: Iterable[str] = (), text: Iterable[str] = ()) -> list[dict]:
+    """Rows of jsonl lines; each must be a JSON object with the `required` fields (not null), and the `text` fields
+    must be strings. A bad row names `where`, the row and what is expected."""
+    required, text = tuple(required), tuple(text)
     rows = []
-    with path.open(encoding="utf-8") as fh:
-        for i, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}, row {i}: not valid JSON ({e.msg})") from e
-            missing = [k for k in required if k not in row]
-            if missing:
-                raise DataError(f"{path}, row {i}: missing field(s) {', '.join(missing)}")
-            rows.append(row)
+    for i, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{where}, row {i}: not valid JSON ({e.msg})") from None
+        if not isinstance(row, dict):
+            raise DataError(f"{where}, row {i}: expected a JSON object ({{...}}) per line, got {_kind(row)}")
+        missing = [k for k in required if k not in row]
+        if missing:
+            raise DataError(f"{where}, row {i}: missing field(s) {', '.join(missing)}")
+        for k in required:
+            if row[k] is None:
+                raise DataError(f"{where}, row {i}: field {k} is null")
+        for k in text:
+            if not isinstance(row.get(k), str):
+                raise DataError(f"{where}, row {i}: field {k} must be a string, got {_kind(row.get(k))}")
+        rows.append(row)
+    return rows
+
+
+def read_jsonl(path: str | Path, required: Iterable[str] = (), text: Iterable[str] = ()) -> list[dict]:
+    """Rows of a jsonl file (see parse_rows); a missing, empty or non-UTF-8 file names the file (and the row)."""
+    path = Path(path)
+    rows = parse_rows(read_text(path).split("\n"), str(path), required, text)
     if not rows:
         raise DataError(f"data file {path} is empty")
     return rows

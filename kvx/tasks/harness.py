@@ -392,6 +392,12 @@ class Harness(Task):
             raise ConfigError("task.data_files", "with several tasks give a mapping task -> file")
         return {self.tasks[0]: {"eval": _as_list(df)}}
 
+    def check(self) -> None:
+        for task, splits in self.local_files().items():
+            for split_files in splits.values():
+                for f in split_files:
+                    check_local_rows(task, Path(f))
+
     def run(self, engine, ctx: RunContext) -> TaskResult:
         from lm_eval import simple_evaluate
 

@@ -24,7 +24,7 @@ import torch
 from kvx.errors import ConfigError, DataError
 from kvx.registry import TASKS
 from kvx.tasks import longbench_metrics as lbm
-from kvx.tasks.base import RunContext, Task, TaskResult
+from kvx.tasks.base import RunContext, Task, TaskResult, parse_rows, read_text
 
 SUBTASKS = [
     "narrativeqa", "qasper", "multifieldqa_en", "multifieldqa_zh", "hotpotqa", "2wikimqa", "musique", "dureader",
@@ -101,15 +101,7 @@ def check_rows(rows: list[dict], where: str) -> list[dict]:
 
 
 def parse_jsonl(lines, where: str) -> list[dict]:
-    rows = []
-    for i, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError as e:
-            raise DataError(f"{where}, row {i}: not valid JSON ({e.msg})") from e
-    return check_rows(rows, where)
+    return check_rows(parse_rows(lines, where), where)
 
 
 def read_zip_member(path: Path, subtask: str) -> list[dict]:
@@ -156,6 +148,13 @@ class LongBench(Task):
         if self.max_new_tokens is not None and self.max_new_tokens <= 0:
             raise ConfigError("task.max_new_tokens", f"must be > 0 or null, got {self.max_new_tokens}")
 
+    def check(self) -> None:
+        self._json(self.prompts_file, "longbench/dataset2prompt.json", "prompts_file")
+        self._json(self.maxlen_file, "longbench/dataset2maxlen.json", "maxlen_file")
+        if self.data_files is not None:
+            for s in self.subtasks:
+                self.load_subtask(s)
+
     # configuration files and data ------------------------------------------------------------------------------------
     def _json(self, path: str | None, default: str, what: str) -> dict:
         from kvx.assets import asset
@@ -178,14 +177,14 @@ class LongBench(Task):
             path = Path(str(df[subtask])).expanduser()
             if not path.is_file():
                 raise DataError(f"task.data_files: {path} (subtask {subtask}) does not exist")
-            return parse_jsonl(path.read_text(encoding="utf-8").splitlines(), str(path))
+            return parse_jsonl(read_text(path).split("\n"), str(path))
         path = Path(str(df)).expanduser()
         if path.is_file() and path.suffix == ".zip":
             return read_zip_member(path, subtask)
         if path.is_dir():
             for cand in (path / f"{subtask}.jsonl", path / "data" / f"{subtask}.jsonl"):
                 if cand.is_file():
-                    return parse_jsonl(cand.read_text(encoding="utf-8").splitlines(), str(cand))
+                    return parse_jsonl(read_text(cand).split("\n"), str(cand))
             raise DataError(f"task.data_files: no {subtask}.jsonl in {path}")
         raise DataError(f"task.data_files: {path} is neither a folder of <subtask>.jsonl files nor a .zip")
 

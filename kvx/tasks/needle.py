@@ -28,7 +28,7 @@ import torch
 
 from kvx.errors import ConfigError, DataError
 from kvx.registry import TASKS
-from kvx.tasks.base import RunContext, Task, TaskResult, data_paths
+from kvx.tasks.base import RunContext, Task, TaskResult, data_paths, read_text
 from kvx.tasks.summarization import cut_stop, rouge_scores
 
 ESSAY_NEEDLE = "\nThe best thing to do in San Francisco is eat a sandwich and sit in Dolores Park on a sunny day.\n"
@@ -66,7 +66,7 @@ def essay_texts(paths: list[Path]) -> list[str]:
         raise DataError(f"task.data_files: no .txt essays in {', '.join(str(p) for p in paths)}")
     texts = []
     for f in files:
-        text = f.read_text(encoding="utf-8")
+        text = read_text(f)
         if not text.strip():
             raise DataError(f"haystack file {f} is empty")
         texts.append(text)
@@ -142,6 +142,10 @@ class Needle(Task):
             raise ConfigError("task.template", "must contain {context}")
         if self.variant == "passkey" and self.needle is not None and "{key}" not in self.needle:
             raise ConfigError("task.needle", "the passkey variant's needle must contain {key}")
+
+    def check(self) -> None:
+        if self.variant == "essays" and self.data_files is not None:
+            essay_texts(data_paths(self.data_files))
 
     # pieces ----------------------------------------------------------------------------------------------------------
     def _spec(self) -> tuple[str, str, str | None, str]:

@@ -15,7 +15,7 @@ import torch
 
 from kvx.errors import ConfigError, DataError
 from kvx.registry import TASKS
-from kvx.tasks.base import RunContext, Task, TaskResult, data_paths, read_jsonl
+from kvx.tasks.base import RunContext, Task, TaskResult, data_paths, read_jsonl, read_text
 
 HUB = {
     "wikitext2": ("wikitext", "wikitext-2-raw-v1", "test", "text", "join"),
@@ -34,9 +34,9 @@ def load_documents(dataset: str, data_files, text_field: str = "text", split: st
             if not p.is_file():
                 raise DataError(f"task.data_files: {p} does not exist")
             if p.suffix in (".jsonl", ".json"):
-                docs += [str(r[text_field]) for r in read_jsonl(p, required=[text_field])]
+                docs += [r[text_field] for r in read_jsonl(p, required=[text_field], text=[text_field])]
             else:
-                text = p.read_text(encoding="utf-8")
+                text = read_text(p)
                 if not text.strip():
                     raise DataError(f"task.data_files: {p} is empty")
                 docs.append(text)
@@ -124,6 +124,10 @@ class Perplexity(Task):
             raise ConfigError("task.max_tokens", f"must be >= 2, got {self.max_tokens}")
         if self.batch_size < 1:
             raise ConfigError("task.batch_size", f"must be >= 1, got {self.batch_size}")
+
+    def check(self) -> None:
+        if self.data_files is not None:
+            load_documents(self.dataset, self.data_files, self.text_field, self.split)
 
     def run(self, engine, ctx: RunContext) -> TaskResult:
         if self.window > engine.arch.max_positions:

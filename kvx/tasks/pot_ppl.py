@@ -47,6 +47,10 @@ class PotPerplexity(Task):
         if self.chunk_size is not None and self.chunk_size < 1:
             raise ConfigError("task.chunk_size", f"must be >= 1 or null, got {self.chunk_size}")
 
+    def check(self) -> None:
+        if self.data_files is not None:
+            load_documents(self.dataset, self.data_files, self.text_field, self.split)
+
     def stories(self, tokenizer) -> list[tuple[int, list[int]]]:
         """(document index, token ids) of the stories used, in file order, at most `limit` of them."""
         docs = load_documents(self.dataset, self.data_files, self.text_field, self.split)

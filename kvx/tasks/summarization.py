@@ -175,6 +175,10 @@ class Summarization(Task):
         if self.min_article_tokens < 1:
             raise ConfigError("task.min_article_tokens", f"must be >= 1, got {self.min_article_tokens}")
 
+    def check(self) -> None:
+        if self.data_files is not None:
+            self.load()
+
     # data ------------------------------------------------------------------------------------------------------------
     def _required(self) -> list[str]:
         return [self.document_field, self.summary_field]

@@ -42,12 +42,17 @@ def stale(root: Path) -> tuple[list[Path], list[Path]]:
     return gone, incomplete
 
 
-def rehash(root: Path, dry_run: bool = False) -> list[tuple[Path, Path]]:
-    """Rename run folders to the hash of their own config.yaml; returns (old, new) pairs (conflicts are skipped)."""
+def rehash(root: Path, dry_run: bool = False, checkout: Path | None = None) -> list[tuple[Path, Path]]:
+    """Rename run folders to the hash of their own config.yaml; returns (old, new) pairs (conflicts are skipped).
+    `checkout`: the repository the runs were made from, if not this one (its paths then hash as this one's)."""
     from omegaconf import OmegaConf
 
+    import kvx.assets
     import kvx.config  # noqa: F401  (resolvers)
     from kvx.config import config_hash
+
+    if checkout is not None:
+        kvx.assets.REPO_ROOT = Path(checkout).resolve()
 
     moves = []
     for cfg_file in sorted((root / "runs").glob("*/*/*/*/config.yaml")):
@@ -86,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="kvx-clean", description=__doc__.split("\n\n")[0])
     ap.add_argument("results_dir", nargs="?", default="results")
     ap.add_argument("--rehash", action="store_true", help="rename run folders to their config's current hash")
+    ap.add_argument("--checkout", help="with --rehash: the repository the runs were made from (default: this one)")
     ap.add_argument("--dry-run", action="store_true", help="say what would change, change nothing")
     args = ap.parse_args(argv)
     root = Path(args.results_dir).expanduser()
@@ -99,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     for p in incomplete:
         print(f"[kvx] kept (moved aside as incomplete): {p}")
     if args.rehash:
-        for old, new in rehash(root, args.dry_run):
+        for old, new in rehash(root, args.dry_run, args.checkout):
             print(f"[kvx] {'would rename' if args.dry_run else 'renamed'} {old} -> {new.name}")
     if not args.dry_run:
         n = prune_tree(root / "runs") + prune_tree(root / ".sweeps")

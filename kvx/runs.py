@@ -55,6 +55,8 @@ def load_runs(root: str | Path) -> pd.DataFrame:
     rows = []
     for mpath in sorted((root / "runs").glob("*/*/*/*/metrics.json")):
         folder = mpath.parent
+        if folder.name.startswith("."):  # staging or moved-aside folders (kvx/results.py), not finished runs
+            continue
         try:
             metrics = json.loads(mpath.read_text(encoding="utf-8"))
             cfg_path = folder / "config.yaml"

@@ -134,6 +134,7 @@ class KVXLM(TemplateLM):
         self.add_bos_token = add_bos_token
         self.progress = progress or (lambda it, **kw: it)
         self.cache_bytes_peak = 0
+        self.state_bytes = 0  # a constant-size state beside the cached tokens (LESS), as rolling windows measured it
 
     # properties lm-eval reads ----------------------------------------------------------------------------------------
     @property
@@ -210,22 +211,27 @@ class KVXLM(TemplateLM):
         ids = torch.tensor([list(context) + list(continuation)])
         nll, stats = self.engine.score_window(ids, mode=self.mode, chunk_size=self.chunk_size)
         self.cache_bytes_peak = max(self.cache_bytes_peak, int(stats["cache_bytes_peak"]))
+        self.state_bytes = max(self.state_bytes, int(stats.get("state_bytes", 0)))
         return -float(nll[0, -len(continuation):].sum())
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         """Document log-likelihoods in lm-eval's disjoint rolling windows of max_length tokens (HFLM's windows)."""
-        from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
-
         out = []
         for req in self.progress(requests, desc="loglikelihood_rolling", total=len(requests)):
             (string,) = req.args
-            windows = map(make_disjoint_window, get_rolling_token_windows(
-                token_list=self.tok_encode(string), prefix_token=self.prefix_token_id, max_seq_len=self.max_length,
-                context_len=1))
-            total = sum(self.rolling_score(c, t) for c, t in windows)
+            total, _ = self.document_loglikelihood(string)
             out.append(total)
             self.cache_hook.add_partial("loglikelihood_rolling", (string,), total)
         return out
+
+    def document_loglikelihood(self, string: str) -> tuple[float, int]:
+        """log p of a whole document in lm-eval's disjoint rolling windows of max_length tokens, and its tokens."""
+        from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+
+        ids = self.tok_encode(string)
+        windows = map(make_disjoint_window, get_rolling_token_windows(
+            token_list=ids, prefix_token=self.prefix_token_id, max_seq_len=self.max_length, context_len=1))
+        return sum(self.rolling_score(c, t) for c, t in windows), len(ids)
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         out = []
@@ -282,6 +288,7 @@ LOCAL_FIELDS = {
     "piqa": ("goal", "sol1", "sol2", "label"),
     "mathqa": ("Problem", "options", "correct"),
     "boolq": ("passage", "question", "label"),
+    "wikitext": ("page",),
 }
 
 _TASK_MANAGERS: dict = {}
@@ -291,6 +298,7 @@ KNOWN_YAML = {
     "piqa": "piqa/piqa.yaml",
     "mathqa": "mathqa/mathqa.yaml",
     "boolq": "super_glue/boolq/default.yaml",
+    "wikitext": "wikitext/wikitext.yaml",
 }
 
 

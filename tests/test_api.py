@@ -92,6 +92,15 @@ def test_method_object_and_name_agree_and_budget_holds(stories):
     assert masked.perplexity(TEXT) == pytest.approx(by_obj.perplexity(TEXT), rel=1e-5)
 
 
+def test_local_folder_and_model_args(assets, stories):
+    pipe = kvx.load(str(assets / "models" / "stories260k"), "full", model_args={"dtype": "float32"})
+    assert pipe.engine.arch.model_id.endswith("stories260k")
+    _, tok = stories
+    ids = tok(TEXT).input_ids
+    assert pipe.encode(TEXT) == ids
+    assert pipe.perplexity(TEXT) == pytest.approx(kvx.load(stories[0], "full", tokenizer=tok).perplexity(TEXT))
+
+
 def test_bad_input_names_the_field(stories):
     model, tok = stories
     with pytest.raises(ConfigError, match="method.budgt"):

@@ -153,10 +153,9 @@ def test_adakv_full_budget_is_the_full_cache(stories, tiny_ids):
     assert torch.equal(full, ada)
 
 
-def test_adakv_refuses_unscored_base(stories):
-    model, tok = stories
-    with pytest.raises(ConfigError, match="method.base.name"):
-        Engine(model, tok, AdaKV(base={"name": "streaming_llm", "budget": 16})).new_cache(1, 64)
+def test_adakv_refuses_bad_fields():
+    with pytest.raises(ConfigError, match="method.base.name.*evicts nothing"):
+        AdaKV(base={"name": "full"}).validate()
     with pytest.raises(ConfigError, match="method.base.name"):
         AdaKV(base={"name": "adakv", "base": {"name": "h2o"}}).validate()
     with pytest.raises(ConfigError, match="method.alpha_safeguard"):

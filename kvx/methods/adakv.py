@@ -86,9 +86,12 @@ def has_priority(policy) -> bool:
 
 def mark_unused(store, valid: torch.Tensor) -> None:
     """Turn the slots where valid [B, Hkv, n] is False into padding (token index -1): attention skips them."""
-    store.pos = torch.where(valid, store.pos, torch.full_like(store.pos, -1))
+    store.pos.masked_fill_(~valid, -1)  # in place: stores that keep pos in a buffer see it
+    # the store now holds padding slots: its decode shortcuts for a store without padding must not apply
+    if hasattr(store, "_real_pos"):
+        store._real_pos = None
     if hasattr(store, "_all_real"):
-        store._all_real = False  # the store now holds padding slots: no decode path may skip the position mask
+        store._all_real = False
 
 
 def head_counts(pos: torch.Tensor) -> torch.Tensor:
@@ -98,6 +101,8 @@ def head_counts(pos: torch.Tensor) -> torch.Tensor:
 
 class AdaptivePolicy(LayerPolicy):
     """Wraps a scored policy: its scores accumulate as usual; eviction shares the layer's budget among the heads."""
+
+    pads_heads = True  # a head's unused slots are padding (pos -1): masked mode must skip them
 
     def __init__(self, inner: ScoredPolicy, alpha: float, n_kv_heads: int):
         self.inner = inner
@@ -132,6 +137,8 @@ class AdaptivePolicy(LayerPolicy):
 
     def before_attend(self, store, t: int) -> None:
         b, H = self.inner.budget, self.n_kv_heads
+        if store.n == 0 and hasattr(store, "reserve"):  # preallocating stores: start at the per-head budget
+            store.reserve(b)
         if store.n and t < b and self._held(store) + H * t > H * b:
             self.evict_to(store, b - t)
 
@@ -157,6 +164,8 @@ class AdaptivePolicy(LayerPolicy):
         valid = sel.gather(2, idx)
         self.inner.on_keep(store, idx)
         store.keep(idx)
+        if hasattr(store, "reserve"):  # preallocating stores: hold exactly the padded width between steps
+            store.reserve(width)
         mark_unused(store, valid)
 
     def nbytes(self) -> int:

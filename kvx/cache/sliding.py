@@ -127,6 +127,8 @@ class WindowPolicy:
         store.keep(rank.topk(self.hold, dim=-1, largest=False).indices.sort(dim=-1).values)
 
     def before_attend(self, store: Store, t: int) -> None:
+        if store.n == 0 and hasattr(store, "reserve"):  # preallocating stores: hold W - 1 slots between steps
+            store.reserve(self.hold)
         self._cut(store)  # masked mode: one query at a time reads the W - 1 tokens before it and itself
 
     def observe(self, store, q, probs) -> None:

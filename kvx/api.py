@@ -21,19 +21,21 @@ from kvx.errors import ConfigError
 
 
 def _model_node(model: str, model_args: dict) -> dict:
-    """A configs/model/<name>.yaml name, or a hub id / folder / .gguf file, as a model config node."""
+    """A configs/model/<name>.yaml name, or a hub id / folder / .gguf file (configs/model/hf.yaml: dtype as stored,
+    a GPU when there is one), as a model config node; model_args override its fields."""
+    from omegaconf import OmegaConf
+
+    import kvx.config  # noqa: F401  (the ${kvx.assets:} and ${kvx.model_name:} resolvers)
     from kvx.assets import REPO_ROOT
 
-    path = REPO_ROOT / "configs" / "model" / f"{model}.yaml"
-    if "/" not in model and path.is_file():
-        from omegaconf import OmegaConf
-
-        import kvx.config  # noqa: F401  (the ${kvx.assets:} resolver)
-
-        node = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
-    else:
-        node = {"name_or_path": model}  # the name derives from the path
-    return {**node, **model_args}
+    folder = REPO_ROOT / "configs" / "model"
+    named = "/" not in model and (folder / f"{model}.yaml").is_file()
+    node = OmegaConf.load(folder / (f"{model}.yaml" if named else "hf.yaml"))
+    if not named:
+        node.name_or_path = model
+    for key, value in model_args.items():
+        node[key] = value
+    return OmegaConf.to_container(node, resolve=True)
 
 
 def _method(method, fields: dict):
@@ -57,8 +59,8 @@ def load(model, method="full", tokenizer=None, *, mode: str = "stream", chunk_si
     """A Pipeline for `model` compressed by `method`.
 
     model: a configs/model name (`stories260k`), a hub id, a local folder or .gguf file, or a loaded transformers
-    causal LM (then give its `tokenizer`, an object or a path). model_args: ModelConfig fields for a model loaded here
-    (`dtype`, `device`, ...). method: a name with its fields as keywords (`"h2o", budget=64`), a dict with a `name`, or
+    causal LM (then give its `tokenizer`, an object or a path). A hub id or folder loads as configs/model/hf.yaml does
+    (dtype as stored, a GPU when there is one); model_args override ModelConfig fields (`dtype`, `device`, ...). method: a name with its fields as keywords (`"h2o", budget=64`), a dict with a `name`, or
     a Method object. mode: `stream` (decode through the cache) or `masked` (one forward with the method's mask) for
     perplexity and loglikelihood. chunk_size: prefill chunk (None: one forward per context; perplexity in stream
     mode feeds compressing methods one token at a time, as the runner does)."""

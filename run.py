@@ -43,7 +43,9 @@ if __name__ == "__main__":
     try:
         main()
     except KeyboardInterrupt:
-        print("kvx: interrupted; the run was not recorded", file=sys.stderr)
+        from kvx.errors import INTERRUPTED
+
+        print(INTERRUPTED, file=sys.stderr)
         sys.exit(130)
     from kvx.sweeps import exit_status
 

@@ -21,6 +21,7 @@ class UnsupportedModelError(KVXError, ValueError):
     """The engine cannot drive this model architecture."""
 
 
+INTERRUPTED = "kvx: interrupted; the run was not recorded"  # run.py's line on Ctrl-C (exit status 130)
 AMBIGUOUS_ONE = "1.0 is ambiguous (one token, or all of them?): write 1 for one token or a fraction below 1"
 
 _WARNED: set[str] = set()

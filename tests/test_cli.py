@@ -79,3 +79,37 @@ def test_submitit_local_launcher(tmp_path):
                    f"results_dir={tmp_path}", "method.budget=16", "method=streaming_llm", *TINY])
     assert out.returncode == 0, out.stderr[-3000:]
     assert len(_metrics(tmp_path)) == 1
+
+
+def test_wandb_logs_existing_results_with_steps_and_a_readable_name(tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    import wandb
+    from wandb.sdk.wandb_run import Run
+
+    logged, inits = [], []
+    real_log, real_init = Run.log, wandb.init
+
+    def spy_log(self, data, step=None, **kw):
+        logged.append((step, dict(data)))
+        return real_log(self, data, step=step, **kw)
+
+    def spy_init(*a, **kw):
+        inits.append(kw)
+        return real_init(*a, **kw)
+
+    monkeypatch.setattr(Run, "log", spy_log)
+    monkeypatch.setattr(wandb, "init", spy_init)
+    args = [f"results_dir={tmp_path}", "method=streaming_llm", "method.budget=32", *TINY]
+    first = run(compose_cfg(args))  # no logger
+    assert not inits
+    capsys.readouterr()
+    again = run(compose_cfg([*args, "logger=wandb"]))  # done already: its results go to W&B from the folder
+    assert again.skipped and '"ppl"' in capsys.readouterr().out
+    assert [kw["name"] for kw in inits] == ["streaming_llm budget=32 · tinystories"]
+    steps = [(s, d) for s, d in logged if s is not None]
+    assert [s for s, _ in steps] == list(range(first.metrics["windows"]))  # one step per window
+    assert all("nll" in d and "acc" in d for _, d in steps)
+    assert again.wandb_dir is not None and again.wandb_dir.parent == first.run_dir / "wandb"
+    run(compose_cfg([*args, "logger=wandb"]))  # logged once only
+    assert len(inits) == 1

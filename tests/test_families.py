@@ -180,3 +180,17 @@ def test_gemma3_refuses_rerotation():
     """Gemma 3 rotates local and global layers with different RoPE bases: methods that re-rotate keys are refused."""
     with pytest.raises(UnsupportedModelError, match="per layer type"):
         Engine(build("gemma3"), None, StreamingLLM(budget=12, sink=2, reindex=True))
+
+
+@pytest.mark.parametrize("name", ["mistral_window", "gemma2"])
+def test_left_padded_batch_equals_single_with_windows(name):
+    model = build(name)
+    eng = Engine(model, None, Full())
+    torch.manual_seed(0)
+    a, b = torch.randint(3, 256, (1, 30)), torch.randint(3, 256, (1, 18))
+    ids = torch.cat([a, torch.cat([torch.zeros(1, 12, dtype=torch.long), b], 1)])
+    mask = torch.ones_like(ids)
+    mask[1, :12] = 0
+    out = eng.generate(ids, mask, max_new_tokens=15, eos_token_id=[])
+    assert out.tokens[0] == eng.generate(a, max_new_tokens=15, eos_token_id=[]).tokens[0]
+    assert out.tokens[1] == eng.generate(b, max_new_tokens=15, eos_token_id=[]).tokens[0]

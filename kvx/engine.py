@@ -196,6 +196,8 @@ class Engine:
                 "(max_position_embeddings); shorten the input or window",
             )
         cache.step_pos = pos
+        cache.step_rope = rope
+        cache.rope_shifted = bool(cache.rope_offset.any())
         with self._active(cache):
             out = self.model(input_ids=input_ids, position_ids=rope, cache=cache, use_cache=True)
         logits = out.logits.float()

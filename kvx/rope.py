@@ -56,17 +56,11 @@ def compact_positions(cache, rotary_emb, layers=None) -> torch.Tensor:
     rotates on read, so that repeated moves do not add rounding errors) and `cache.rope_offset` is set so that the
     next token gets rotary position R.
 
-    Stores must hold dense keys (`k`) and `rpos`. A store records rotary positions as token indices at append time,
-    so the slots appended since the last compaction (token index >= `cache.rope_synced`) are at token index minus
-    the offset then in force. Returns R [B].
+    Stores must hold dense keys (`k`) and `rpos`, the rotary position each key was rotated with. Returns R [B].
     """
     layers = list(cache.layers if layers is None else layers)
     B = cache.seen.shape[0]
     device = cache.seen.device
-    synced = getattr(cache, "rope_synced", None)
-    if synced is None:
-        synced = torch.zeros(B, dtype=torch.long, device=device)
-    offset = cache.rope_offset
     R = torch.zeros(B, dtype=torch.long, device=device)
     counts = []
     for layer in layers:
@@ -83,8 +77,7 @@ def compact_positions(cache, rotary_emb, layers=None) -> torch.Tensor:
             raise UnsupportedModelError(f"store {type(store).__name__} holds no dense keys to re-rotate")
         pos = store.pos.long()
         real = pos >= 0
-        fresh = real & (pos >= synced[:, None, None])
-        cur = torch.where(fresh, pos - offset[:, None, None], store.rpos.long())
+        cur = store.rpos.long()
         rank = real.long().cumsum(dim=-1) - 1
         target = torch.where(real, R[:, None, None] - m[..., None] + rank, cur)
         delta = torch.where(real, target - cur, torch.zeros_like(cur))
@@ -95,5 +88,5 @@ def compact_positions(cache, rotary_emb, layers=None) -> torch.Tensor:
                 store.k = rerotate(store.k, delta, rotary_emb)
         store.rpos = target.to(store.rpos.dtype)
     cache.rope_offset = cache.seen - R
-    cache.rope_synced = cache.seen.clone()
+    cache.rope_synced = cache.seen.clone()  # tokens seen at the last compaction
     return R

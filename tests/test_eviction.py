@@ -612,9 +612,19 @@ def test_probabilities_only_when_declared_and_never_t_by_t_in_decode(stories, ti
     calls = []
     real_attend = DenseStore.attend
 
-    def spy(self, q, k_new, v_new, pos_new, qpos, scaling, return_probs=False):
-        out, probs = real_attend(self, q, k_new, v_new, pos_new, qpos, scaling, return_probs)
-        calls.append((q.shape[2], return_probs, None if probs is None else tuple(probs.shape)))
+    def spy(self, q, k_new, v_new, pos_new, qpos, scaling, return_probs=False, probs_fn=None):
+        shapes = []
+        if probs_fn is not None:  # probabilities handed over block by block by the attention pass itself
+
+            def fn(p, row0, inner=probs_fn):
+                shapes.append(tuple(p.shape))
+                inner(p, row0)
+        else:
+            fn = None
+        out, probs = real_attend(self, q, k_new, v_new, pos_new, qpos, scaling, return_probs, probs_fn=fn)
+        if probs is not None:
+            shapes.append(tuple(probs.shape))
+        calls.append((q.shape[2], return_probs or probs_fn is not None, shapes[0] if shapes else None))
         return out, probs
 
     monkeypatch.setattr(DenseStore, "attend", spy)
@@ -624,7 +634,8 @@ def test_probabilities_only_when_declared_and_never_t_by_t_in_decode(stories, ti
     assert needs == (name in ("h2o", "tova", "scissorhands"))
     decode = [c for c in calls if c[0] == 1]
     assert len(decode) == 10 * eng.arch.n_layers
-    for _, asked, _ in calls:
+    for _, asked, shape in calls:
         assert asked == needs
+        assert (shape is not None) == needs
     for _, _, shape in decode:
         assert shape is None or shape[2] == 1 and shape[3] <= 16  # one query over at most the budget

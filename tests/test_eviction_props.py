@@ -77,9 +77,9 @@ def watch_reads(cache, reads):
     for layer in cache.layers:
         real = layer.store.attend
 
-        def attend(q, k_new, v_new, pos_new, qpos, scaling, return_probs=False, real=real, layer=layer):
+        def attend(q, k_new, v_new, pos_new, qpos, scaling, real=real, layer=layer, **kw):
             reads.append((layer.layer_idx, layer.store.n + q.shape[2], q.shape[2]))
-            return real(q, k_new, v_new, pos_new, qpos, scaling, return_probs)
+            return real(q, k_new, v_new, pos_new, qpos, scaling, **kw)
 
         layer.store.attend = attend
 

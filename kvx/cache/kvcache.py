@@ -48,27 +48,41 @@ class KVXLayer(CacheLayerMixin):
     # kvx ---------------------------------------------------------------------------------------------------------
     def attend(self, q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, scaling: float) -> torch.Tensor:
         """q [B, Hq, t, D]; k_new, v_new [B, Hkv, t, D] (after RoPE). Returns [B, Hq, t, D]."""
-        if self.cache.mode == "masked":
+        cache = self.cache
+        if cache.mode == "masked":
             return self.masked_attend(q, k_new, v_new, scaling)
         B, Hkv, t, _ = k_new.shape
-        qpos = self.cache.step_pos  # [B, t]
+        qpos = cache.step_pos  # [B, t]
         pos_new = qpos[:, None, :].expand(B, Hkv, t)
         policy, store = self.policy, self.store
-        if policy is not None:
+        if policy is None:
+            out, _ = store.attend(q, k_new, v_new, pos_new, qpos, scaling)
+            cache.note_bytes(self.layer_idx, store, extra=cache.new_bytes(store, k_new))
+            store.append(k_new, v_new, pos_new)
+        else:
             policy.before_attend(store, t)
-        want = policy is not None and policy.needs_probs
-        out, probs = store.attend(q, k_new, v_new, pos_new, qpos, scaling, return_probs=want)
-        self.cache.note_bytes(self.layer_idx, store, extra=t * (k_new[0, 0, 0].numel() * 2) * B * Hkv * k_new.element_size())
-        if policy is not None:
+            probs = None
+            if not policy.needs_probs:
+                out, _ = store.attend(q, k_new, v_new, pos_new, qpos, scaling)
+            elif store.probs_blocks and hasattr(policy, "probs_block"):
+                policy.begin_probs(store, qpos, Hkv)  # the attention pass hands the probabilities over block by block
+                out, _ = store.attend(q, k_new, v_new, pos_new, qpos, scaling, probs_fn=policy.probs_block)
+            else:
+                out, probs = store.attend(q, k_new, v_new, pos_new, qpos, scaling, return_probs=True)
+            cache.note_bytes(self.layer_idx, store, extra=cache.new_bytes(store, k_new))
             policy.observe(store, q, probs)
-        store.append(k_new, v_new, pos_new)
-        if policy is not None:
+            store.append(k_new, v_new, pos_new)
             policy.on_append(store, t)
-        self.cache.note_bytes(self.layer_idx, store)
+        if cache.rope_shifted:  # the rotary positions in use differ from the token indices
+            store.rpos[:, :, store.n - t :] = cache.step_rope[:, None, :].to(store.rpos.dtype)
+        cache.note_bytes(self.layer_idx, store)
         return out
 
     def masked_attend(self, q, k, v, scaling):
-        """One parallel attention over a whole window with the mask the policy would have produced."""
+        """One parallel attention over a whole window with the mask the policy would have produced.
+
+        The policy runs one query at a time against an IndexStore, exactly as in stream mode; the kept slots of
+        every step are recorded in a [B, Hkv, T, budget + 1] table and turned into the mask with one scatter."""
         B, Hq, T, D = q.shape
         Hkv = k.shape[1]
         g = Hq // Hkv
@@ -80,32 +94,40 @@ class KVXLayer(CacheLayerMixin):
             self.cache.masked_peak[self.layer_idx] = T
             return self.store.masked_attention(q, k, v, allowed, scaling, None)
         istore = IndexStore(k, qpos, bytes_per_token=2 * D * k.element_size())
-        allowed = torch.zeros(B, Hkv, 1, T, T, dtype=torch.bool, device=q.device)
+        padded = bool((qpos < 0).any())
         logits = None
         if policy.needs_probs:
             logits = torch.matmul(q.view(B, Hkv, g, T, D), k[:, :, None].transpose(-1, -2)) * scaling
-            logits = cap_logits(logits, getattr(self.store, "softcap", None))
+            logits = cap_logits(logits, getattr(self.store, "softcap", None)).float()
+        width = min(T, getattr(policy, "budget", T)) + 1
+        steps = torch.empty(B, Hkv, T, width, dtype=torch.long, device=q.device)
         peak = 0
         for i in range(T):
             policy.before_attend(istore, 1)
-            slots = torch.cat([istore.idx, torch.full((B, Hkv, 1), i, device=q.device, dtype=torch.long)], dim=2)
-            spos = torch.cat([istore.pos, qpos[:, None, i : i + 1].expand(B, Hkv, 1).to(torch.int32)], dim=2)
-            qp = qpos[:, i][:, None, None]
-            ok = ((spos >= 0) & (spos <= qp)) | (qp < 0)
-            allowed[:, :, 0, i].scatter_(-1, slots, ok)
-            peak = max(peak, slots.shape[-1])
+            istore.append_index(i, 1)  # the query's own slot: istore.idx is now what query i reads
+            slots = istore.idx  # [B, Hkv, n]
+            n = slots.shape[-1]
+            row = steps[:, :, i]
+            row[..., :n] = slots
+            row[..., n:] = i
+            peak = max(peak, n)
             probs = None
             if logits is not None:
-                lg = logits[:, :, :, i, :].gather(-1, slots[:, :, None, :].expand(B, Hkv, g, slots.shape[-1]))
-                lg = lg.masked_fill(~ok[:, :, None], float("-inf"))
-                probs = torch.softmax(lg.float(), dim=-1).to(q.dtype).reshape(B, Hq, 1, -1)
+                lg = logits[:, :, :, i, :].gather(-1, slots[:, :, None, :].expand(B, Hkv, g, n))
+                if padded:
+                    qp = qpos[:, i][:, None, None]
+                    ok = ((istore.pos >= 0) & (istore.pos <= qp)) | (qp < 0)
+                    lg = lg.masked_fill(~ok[:, :, None], float("-inf"))
+                probs = torch.softmax(lg, dim=-1).to(q.dtype).view(B, Hq, 1, n)
             policy.observe(istore, q[:, :, i : i + 1], probs)
-            istore.append_index(i, 1)
             policy.on_append(istore, 1)
             policy.end_step(istore)
         self.cache.masked_peak[self.layer_idx] = peak
+        allowed = torch.zeros(B, Hkv, T, T, dtype=torch.bool, device=q.device)
+        allowed.scatter_(-1, steps, True)
         pos = qpos[:, None, :].expand(B, Hkv, T)
         causal = reference.allowed_mask(pos, qpos)
+        allowed = allowed[:, :, None] & causal
         evicted = causal & ~allowed
         return self.store.masked_attention(q, k, v, allowed, scaling, evicted)
 
@@ -122,6 +144,14 @@ class KVXCache(Cache):
         self.device = torch.device(device)
         self.seen = torch.zeros(batch_size, dtype=torch.long, device=self.device)
         self.step_pos: torch.Tensor | None = None
+        if seq_len is not None:  # a full cache holds exactly the sequence: its buffers are sized once
+            for layer in layers:
+                reserve = getattr(layer.store, "reserve", None)
+                if layer.policy is None and reserve is not None:
+                    reserve(seq_len)
+        self.step_rope: torch.Tensor | None = None
+        self.rope_shifted = False
+        self._slot_bytes = None
         self._bytes = [0] * arch.n_layers
         self._total = 0
         self.peak_bytes = 0
@@ -137,6 +167,13 @@ class KVXCache(Cache):
         return self.get_seq_length()
 
     # bookkeeping -------------------------------------------------------------------------------------------------
+    def new_bytes(self, store, k_new: torch.Tensor) -> int:
+        """Bytes of the K and V of the new tokens held beside the store while they are attended (none for a store
+        that `stages_new`: it wrote them into its own buffers, which its nbytes() counts)."""
+        if getattr(store, "stages_new", False):
+            return 0
+        return 2 * k_new.numel() * k_new.element_size()
+
     def note_bytes(self, layer_idx: int, store, extra: int = 0) -> None:
         new = store.nbytes()
         self._total += new - self._bytes[layer_idx]  # a running sum: no pass over the layers on the decode path

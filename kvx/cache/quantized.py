@@ -44,7 +44,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kvx.cache.dense import DenseStore, Store, _nbytes
+from kvx.cache.dense import ConcatStore, Store, _nbytes
 from kvx.kernels import reference, use_triton
 from kvx.kernels.quant import EXACT_BITS, PackedRows, decode_attention_quant, dequant_rows, pack_rows, row_nbytes
 
@@ -589,7 +589,7 @@ def _slots_mask(ref: torch.Tensor, sl: slice) -> torch.Tensor:
     return ((i >= sl.start) & (i < sl.stop)).view(1, 1, -1)
 
 
-class QuantizedStore(DenseStore):
+class QuantizedStore(ConcatStore):
     """Packed quantized rows + a full-precision residual window (self.k / self.v) + exact outliers.
 
     Fixed bits (kspec.bits, vspec.bits) unless `qaq` chooses them per token. `residual`: the fewest most recent
@@ -647,7 +647,7 @@ class QuantizedStore(DenseStore):
         self._own_probs = None
         nq = self.nq
         if nq == 0:
-            out, probs = DenseStore.attend(self, q, k_new, v_new, pos_new, qpos, scaling, return_probs)
+            out, probs = ConcatStore.attend(self, q, k_new, v_new, pos_new, qpos, scaling, return_probs)
             if own:
                 k, v, pos = self._cat(k_new, v_new, pos_new)
                 self._own_probs = reference.attention(q, k, v, pos, qpos, scaling, return_probs=True)[1]
@@ -672,7 +672,7 @@ class QuantizedStore(DenseStore):
         return out, probs
 
     def append(self, k_new, v_new, pos_new) -> None:
-        DenseStore.append(self, k_new, v_new, pos_new)
+        ConcatStore.append(self, k_new, v_new, pos_new)
         if self.qaq is not None:
             self.qaq.on_append(k_new, v_new, self.kspec, self.vspec)
 

@@ -72,6 +72,8 @@ def cap_logits(logits: torch.Tensor, softcap: float | None) -> torch.Tensor:
 class WindowedStore(DenseStore):
     """A dense store whose attention applies a sliding window (token distance < window) and a logit cap."""
 
+    probs_blocks = False  # attend returns whole probabilities (return_probs), not blocks
+
     def __init__(self, window: int | None, softcap: float | None) -> None:
         super().__init__()
         self.window = window

@@ -17,13 +17,13 @@ In masked mode the same calls run against an IndexStore, one token at a time, in
 from __future__ import annotations
 
 import dataclasses
-from abc import ABC, abstractmethod
+from abc import ABC
 from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 
-from kvx.cache.dense import DenseStore, Store
+from kvx.cache.dense import DenseStore, SlotBuffer, Store, swap_moves
 from kvx.errors import AMBIGUOUS_ONE, ConfigError, warn_once
 
 
@@ -91,36 +91,94 @@ class LayerPolicy:
 class ScoredPolicy(LayerPolicy, ABC):
     """A policy that keeps a score per stored slot and evicts to a budget.
 
-    Subclasses implement `select(store, m) -> idx [B, Hkv, m]`. Lazy eviction: before t < budget new tokens are
-    attended, the store is cut to budget - t so that no query reads more than `budget` tokens (its own included) and
-    the store never holds more than `budget` between steps. A prefill chunk longer than the budget is attended in
-    full and the store is cut to `budget` at the end of the step.
+    Subclasses implement `priority(store, m) -> [B, Hkv, n]` (float64; higher is kept first) or, for a selection
+    that is not a ranking, `select(store, m) -> idx [B, Hkv, m]` with `ordered = True`. Lazy eviction: before
+    t < budget new tokens are attended, the store is cut to budget - t so that no query reads more than `budget`
+    tokens (its own included) and the store never holds more than `budget` between steps. A prefill chunk longer than
+    the budget is attended in full and the store is cut to `budget` at the end of the step.
+
+    Eviction keeps the top `m` slots in token order (`keep`), or, with `moves` (stores with `slot_moves`), drops the
+    lowest-priority slots and moves the kept slots at the end of the store into the holes
+    (`kvx.cache.dense.swap_moves`), so a decoding step moves one slot, whatever the budget; per-slot arrays (scores)
+    take the same moves in `on_move`. Slot order is then not token order: policies that need token order
+    (`ordered = True`) always evict with `keep`. The store and the score buffer are preallocated to the budget
+    (`reserve`).
     """
+
+    ordered: ClassVar[bool] = False  # needs slots in token order: never evicts by slot moves
+    moves: bool = False  # evict by slot moves where the store takes them (method field `evict_by: move`)
 
     def __init__(self, budget: int):
         self.budget = budget
-        self.scores: torch.Tensor | None = None  # [B, Hkv, n], aligned with the store's slots
+        self._scores = SlotBuffer(2, budget)  # [B, Hkv, n] float32, aligned with the store's slots
+        self._reserved = False
 
-    def grow_scores(self, store: Store, t: int, fill: float = 0.0) -> None:
-        B, H = store.pos.shape[:2]
-        new = torch.full((B, H, t), fill, dtype=torch.float32, device=store.pos.device)
-        self.scores = new if self.scores is None else torch.cat([self.scores, new], dim=2)
+    @property
+    def scores(self) -> torch.Tensor | None:
+        return self._scores.view
+
+    @scores.setter
+    def scores(self, value: torch.Tensor | None) -> None:
+        if value is None:
+            self._scores = SlotBuffer(2, self.budget)
+        else:
+            self._scores.adopt(value)
+
+    def reserve(self, store: Store) -> None:
+        """Size the store's buffers to the budget (once, before its first tokens)."""
+        self._reserved = True
+        reserve = getattr(store, "reserve", None)
+        if reserve is not None:
+            reserve(self.budget)
+
+    def grow_scores(self, store: Store, t: int, fill: float = 0.0, heads: tuple | None = None) -> None:
+        """Slots for t new tokens (`heads`: (B, Hkv, device) when the store holds nothing yet)."""
+        B, H, dev = heads if heads is not None else (*store.pos.shape[:2], store.pos.device)
+        self._scores.extend(B, H, t, fill, dtype=torch.float32, device=dev)
 
     def on_append(self, store: Store, t: int) -> None:
         self.grow_scores(store, t)
 
+    def priority(self, store: Store, m: int) -> torch.Tensor:
+        """[B, Hkv, n] float64: the m highest are kept (ties broken as torch.topk breaks them)."""
+        raise NotImplementedError(f"{type(self).__name__} defines select(), not priority()")
+
+    def select(self, store: Store, m: int) -> torch.Tensor:
+        """Indices [B, Hkv, m] of the slots to keep."""
+        return self.priority(store, m).topk(m, dim=-1).indices
+
+    def select_drop(self, store: Store, k: int) -> torch.Tensor:
+        """Indices [B, Hkv, k] of the slots to drop: the k lowest priorities."""
+        p = self.priority(store, store.n - k)
+        if k == 1:
+            return p.argmin(dim=-1, keepdim=True)
+        return p.topk(k, dim=-1, largest=False).indices
+
     def evict_to(self, store: Store, m: int) -> None:
-        if store.n <= m:
+        n = store.n
+        if n <= m:
             return
-        idx = self.select(store, m).sort(dim=-1).values
-        self.on_keep(store, idx)
-        store.keep(idx)
+        if not self.moves or self.ordered or not store.slot_moves:
+            idx = self.select(store, m).sort(dim=-1).values
+            self.on_keep(store, idx)
+            store.keep(idx)
+            return
+        drop = self.select_drop(store, n - m)
+        dst, src = swap_moves(drop, n)
+        self.on_move(store, dst, src, m)
+        store.move(dst, src, m, drop)
 
     def on_keep(self, store: Store, idx: torch.Tensor) -> None:
-        if self.scores is not None:
-            self.scores = self.scores.gather(2, idx)
+        if self._scores.buf is not None:
+            self._scores.keep(idx)
+
+    def on_move(self, store: Store, dst: torch.Tensor, src: torch.Tensor, m: int) -> None:
+        if self._scores.buf is not None:
+            self._scores.move(dst, src, m)
 
     def before_attend(self, store: Store, t: int) -> None:
+        if not self._reserved:
+            self.reserve(store)
         if t < self.budget and store.n + t > self.budget:
             self.evict_to(store, self.budget - t)
 
@@ -128,16 +186,21 @@ class ScoredPolicy(LayerPolicy, ABC):
         if store.n > self.budget:
             self.evict_to(store, self.budget)
 
-    @abstractmethod
-    def select(self, store: Store, m: int) -> torch.Tensor:
-        """Indices [B, Hkv, m] of the slots to keep."""
-
 
 def recency_rank(pos: torch.Tensor) -> torch.Tensor:
     """Rank of each slot by recency: 0 for the most recent real token; padding ranks last."""
     key = torch.where(pos >= 0, pos, torch.iinfo(pos.dtype).min).to(torch.int64)
     order = key.argsort(dim=-1, descending=True, stable=True)
     return order.argsort(dim=-1)
+
+
+def most_recent(pos: torch.Tensor, r: int) -> torch.Tensor:
+    """[B, Hkv, n] True on the r most recent real slots (token indices are distinct within a head)."""
+    if r <= 0:
+        return torch.zeros(pos.shape, dtype=torch.bool, device=pos.device)
+    r = min(r, pos.shape[-1])
+    thr = pos.topk(r, dim=-1).values[..., -1:]
+    return (pos >= thr) & (pos >= 0)
 
 
 def select_top(scores: torch.Tensor, pos: torch.Tensor, m: int, forced: torch.Tensor | None = None) -> torch.Tensor:

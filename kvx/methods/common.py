@@ -10,6 +10,13 @@ freely decreases linearly from the lowest to the highest layer, from `2·s − s
 uniform budget, β: `pyramid_beta`, 20 in PyramidKV), with the same total over the layers as the uniform schedule.
 Windows a method always keeps (recent tokens, sinks, SnapKV's observation window) are the same in every layer.
 
+Eviction (`evict_by`). `keep` (default) gathers the kept slots in token order into the store's buffers: O(budget)
+per evicting step. `move` drops the lowest-priority slots and moves the kept slots at the end of the store into the
+freed ones: O(evicted) per step (one slot per decoding step, whatever the budget). The kept sets are the same; slot
+order then differs from token order, so attention sums in another order and logits differ in the last bits; methods
+that need token order (SnapKV's pooling, StreamingLLM's in-cache positions) and stores that cannot move slots
+(quantized) evict with keep whatever is asked.
+
 GQA. Scores are kept per KV head and aggregated over the query heads of its group (never by repeating K/V), so a
 KV head's selection serves all the query heads that read it.
 """
@@ -24,10 +31,11 @@ import torch
 
 from kvx.cache.dense import Store
 from kvx.errors import AMBIGUOUS_ONE, ConfigError, warn_once
-from kvx.methods.base import ArchInfo, LayerPolicy, Method, ScoredPolicy
+from kvx.methods.base import ArchInfo, LayerPolicy, Method, ScoredPolicy, most_recent
 
 SCHEDULES = ("uniform", "pyramid")
 BUDGET_OF = ("seq", "max_positions")
+EVICT_BY = ("keep", "move")
 
 
 # amounts of tokens ---------------------------------------------------------------------------------------------------
@@ -120,6 +128,7 @@ class EvictionMethod(Method, ABC):
     budget_of: str = "seq"  # what a fractional budget is a fraction of: seq | max_positions
     schedule: str = "uniform"  # uniform | pyramid (PyramidKV)
     pyramid_beta: float = 20.0  # pyramid: the top layer selects 1/beta of the uniform share
+    evict_by: str = "keep"  # keep: kept slots stay in token order | move: kept tail slots fill the freed ones
 
     compresses: ClassVar[bool] = True
 
@@ -129,6 +138,8 @@ class EvictionMethod(Method, ABC):
             raise ConfigError("method.budget_of", f"must be one of {', '.join(BUDGET_OF)}, got {self.budget_of!r}")
         if self.schedule not in SCHEDULES:
             raise ConfigError("method.schedule", f"unknown schedule {self.schedule!r}; allowed: {', '.join(SCHEDULES)}")
+        if self.evict_by not in EVICT_BY:
+            raise ConfigError("method.evict_by", f"must be one of {', '.join(EVICT_BY)}, got {self.evict_by!r}")
         beta = self.pyramid_beta
         if isinstance(beta, bool) or not isinstance(beta, (int, float)) or beta < 1:
             raise ConfigError("method.pyramid_beta", f"must be a number >= 1, got {beta!r}")
@@ -175,7 +186,10 @@ class EvictionMethod(Method, ABC):
             warn_once(f"method.budget={self.budget} keeps {budget} tokens per layer, at or above the sequence length "
                       f"({seq_len}): nothing is evicted")
             return WithinBudget(budget, seq_len, layer_idx)
-        return self.build_policy(layer_idx, budget, reserved, arch)
+        policy = self.build_policy(layer_idx, budget, reserved, arch)
+        if self.evict_by == "move" and isinstance(policy, ScoredPolicy):
+            policy.moves = True
+        return policy
 
     @abstractmethod
     def build_policy(self, layer_idx: int, budget: int, reserved: int, arch: ArchInfo) -> LayerPolicy:
@@ -194,6 +208,8 @@ class WithinBudget(LayerPolicy):
         self.layer_idx = layer_idx
 
     def before_attend(self, store: Store, t: int) -> None:
+        if store.n == 0 and hasattr(store, "reserve"):
+            store.reserve(self.seq_len)  # the whole sequence fits: hold exactly its slots
         if store.n + t > self.budget:
             raise RuntimeError(
                 f"layer {self.layer_idx}: the cache was built for {self.seq_len} tokens, within the budget of "
@@ -211,59 +227,103 @@ def score_nbytes(cache) -> int:
     return sum(layer.policy.nbytes() for layer in cache.layers if hasattr(layer.policy, "nbytes"))
 
 
+def slot_priority(scores: torch.Tensor, pos: torch.Tensor, forced: torch.Tensor | None = None) -> torch.Tensor:
+    """[B, Hkv, n] float64 keep priority: forced slots first, then the scores, padding last."""
+    s = torch.where(pos >= 0, scores.double(), -1e300)
+    if forced is not None:
+        s = torch.where(forced, 1e300, s)
+    return s
+
+
 def top_slots(scores: torch.Tensor, pos: torch.Tensor, m: int, forced: torch.Tensor | None = None) -> torch.Tensor:
     """Indices [B, Hkv, m] of the m best slots: forced slots first, then the highest scores, padding last.
 
     Like base.select_top but in float64, so that scores with fine tie-breaks added stay apart."""
-    s = torch.where(pos >= 0, scores.double(), -1e300)
-    if forced is not None:
-        s = torch.where(forced, 1e300, s)
-    return s.topk(m, dim=-1).indices
+    return slot_priority(scores, pos, forced).topk(m, dim=-1).indices
 
 
 def forced_recent(pos: torch.Tensor, m: int, recent: int) -> torch.Tensor:
     """[B, Hkv, n] True on the min(recent, m) most recent real slots."""
-    from kvx.methods.base import recency_rank
-
-    return recency_rank(pos) < min(recent, m)
+    return most_recent(pos, min(recent, m))
 
 
 class BudgetPolicy(ScoredPolicy):
-    """ScoredPolicy that reports its score buffers (`nbytes`)."""
+    """ScoredPolicy that reports its score buffers (`nbytes`, as allocated)."""
 
     def nbytes(self) -> int:
-        return 0 if self.scores is None else self.scores.numel() * self.scores.element_size()
+        return self._scores.allocated()
 
 
 class AttentionPolicy(BudgetPolicy):
     """Scores from the attention the new queries paid; declares `needs_probs`.
 
-    `observe` keeps the probabilities [B, Hq, t, n + t]; `on_append` (once the new tokens' positions are in the store)
-    hands them to `absorb(store, probs [B, Hkv, g, t, n + t], qpos [B, t])`, grouped per KV head. qpos is -1 for a
-    padding query: its row must not count (a padding query reads every slot)."""
+    The probabilities reach the policy in one of two ways, both folded by `absorb(probs [B, Hkv, g, tb, N],
+    qpos [B, tb], row0)` into the slot scores (already grown to the N = n + t slots of stored + new tokens):
+    - blocks: the engine calls `begin_probs(store, qpos)` before attention, and the store's attention pass hands
+      `probs_block(probs [B, Hq, tb, N], row0)` one block of queries at a time (no [B, Hq, t, N] tensor);
+    - whole: `observe(store, q, probs [B, Hq, t, N])` (stores that return all probabilities), folded in `on_append`.
+    qpos is -1 for a padding query: its row must not count (a padding query reads every slot)."""
 
     needs_probs: ClassVar[bool] = True
 
     def __init__(self, budget: int):
         super().__init__(budget)
         self._probs: torch.Tensor | None = None
+        self._qpos: torch.Tensor | None = None
+        self._kpos: torch.Tensor | None = None
+        self._grown = False
+
+    def begin_probs(self, store: Store, qpos: torch.Tensor, n_kv_heads: int) -> None:
+        """Before attention over stored + t new tokens (qpos [B, t]): make the score slots ready for the blocks."""
+        B, t = qpos.shape
+        self._qpos = qpos.long()
+        self._kpos = None
+        self._store = store
+        self._hkv = n_kv_heads
+        self.grow_scores(store, t, heads=(B, n_kv_heads, qpos.device))
+        self._grown = True
+        self.begin(store, t)
+
+    def slot_pos(self, store: Store) -> torch.Tensor:
+        """[B, Hkv, N] token index of every slot the current queries read (stored, then new)."""
+        if self._kpos is None:
+            B, t = self._qpos.shape
+            H = self._hkv
+            new = self._qpos[:, None, :].expand(B, H, t).to(torch.int32)
+            self._kpos = new if store.n == 0 else torch.cat([store.pos.to(torch.int32), new], dim=2)
+        return self._kpos
+
+    def probs_block(self, probs: torch.Tensor, row0: int) -> None:
+        B, Hq, tb, N = probs.shape
+        Hkv = self._hkv
+        self.absorb(self._store, probs.float().view(B, Hkv, Hq // Hkv, tb, N), self._qpos[:, row0 : row0 + tb], row0)
 
     def observe(self, store: Store, q: torch.Tensor, probs: torch.Tensor | None) -> None:
         self._probs = probs
 
     def on_append(self, store: Store, t: int) -> None:
         probs, self._probs = self._probs, None
+        if self._grown:
+            self._grown = False
+            self._qpos = self._kpos = None
+            return
         self.grow_scores(store, t)
         if probs is None:
             return
-        B, Hq, _, N = probs.shape
-        Hkv = store.pos.shape[1]
-        qpos = store.pos[:, 0, -t:].long()  # [B, t]
-        self.absorb(store, probs.float().view(B, Hkv, Hq // Hkv, t, N), qpos)
+        self._qpos = store.pos[:, 0, -t:].long()  # [B, t]
+        self._kpos = store.pos
+        self._store = store
+        self._hkv = store.pos.shape[1]
+        self.begin(store, t)
+        self.probs_block(probs, 0)
+        self._qpos = self._kpos = None
+
+    def begin(self, store: Store, t: int) -> None:
+        """Prepare for the probabilities of t new queries (the scores already have their slots)."""
 
     @abstractmethod
-    def absorb(self, store: Store, probs: torch.Tensor, qpos: torch.Tensor) -> None:
-        """Fold one step's attention into the slot scores."""
+    def absorb(self, store: Store, probs: torch.Tensor, qpos: torch.Tensor, row0: int = 0) -> None:
+        """Fold one block of queries' attention (rows row0 .. row0 + tb of this forward) into the slot scores."""
 
 
 def readable(spos: torch.Tensor, qpos: torch.Tensor) -> torch.Tensor:

@@ -28,7 +28,7 @@ from kvx.methods.common import (
     forced_recent,
     resolve_amount,
     resolve_share,
-    top_slots,
+    slot_priority,
 )
 from kvx.registry import METHODS
 
@@ -40,13 +40,14 @@ class HeavyRecentPolicy(AttentionPolicy):
         super().__init__(budget)
         self.recent = recent
 
-    def absorb(self, store, probs: torch.Tensor, qpos: torch.Tensor) -> None:
-        # probs [B, Hkv, g, t, n]; padding queries (qpos < 0) read every slot and must not count
-        real = (qpos >= 0).float()[:, None, None, :, None]
-        self.scores += (probs * real).sum(dim=(2, 3))
+    def absorb(self, store, probs: torch.Tensor, qpos: torch.Tensor, row0: int = 0) -> None:
+        # probs [B, Hkv, g, tb, N]; padding queries (qpos < 0) read every slot and must not count
+        if bool((qpos < 0).any()) if qpos.device.type == "cpu" else True:
+            probs = probs * (qpos >= 0).float()[:, None, None, :, None]
+        self.scores += probs.sum(dim=(2, 3))
 
-    def select(self, store, m: int) -> torch.Tensor:
-        return top_slots(self.scores, store.pos, m, forced=forced_recent(store.pos, m, self.recent))
+    def priority(self, store, m: int) -> torch.Tensor:
+        return slot_priority(self.scores, store.pos, forced=forced_recent(store.pos, m, self.recent))
 
 
 @METHODS.register("h2o")

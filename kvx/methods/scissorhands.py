@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from kvx.cache.dense import SlotBuffer
 from kvx.errors import ConfigError
 from kvx.methods.base import ArchInfo
 from kvx.methods.common import (
@@ -24,7 +25,7 @@ from kvx.methods.common import (
     forced_recent,
     readable,
     resolve_share,
-    top_slots,
+    slot_priority,
 )
 from kvx.registry import METHODS
 
@@ -32,47 +33,68 @@ from kvx.registry import METHODS
 class PersistencePolicy(AttentionPolicy):
     """Keeps, per KV head, how many query heads found each slot above average for each of the last `history` queries.
 
-    hist [B, Hkv, h, n] (int16, h <= history) is the score buffer; a slot's score is its column sum."""
+    hist [B, Hkv, history, n] (int16) is the score buffer, a ring over the last `history` queries (rows of queries
+    not seen yet are zero); a slot's score is its column sum."""
 
     def __init__(self, budget: int, recent: int, history: int, drop: int):
         super().__init__(budget)
         self.recent = recent
         self.history = history
         self.drop = drop
-        self.hist: torch.Tensor | None = None
+        self._hist = SlotBuffer(3, budget)
+        self._row = 0  # the ring row the next query writes
 
-    def grow_scores(self, store, t: int, fill: float = 0.0) -> None:
-        B, H, n = store.pos.shape
-        if self.hist is None:
-            self.hist = torch.zeros(B, H, 0, n, dtype=torch.int16, device=store.pos.device)
+    @property
+    def hist(self) -> torch.Tensor | None:
+        return self._hist.view
+
+    def grow_scores(self, store, t: int, fill: float = 0.0, heads: tuple | None = None) -> None:
+        B, H, dev = heads if heads is not None else (*store.pos.shape[:2], store.pos.device)
+        h = self._hist
+        if h.buf is None:
+            h.buf = torch.zeros(B, H, self.history, max(t, self.budget), dtype=torch.int16, device=dev)
+            h.n = 0
         else:
-            pad = torch.zeros(B, H, self.hist.shape[2], t, dtype=torch.int16, device=store.pos.device)
-            self.hist = torch.cat([self.hist, pad], dim=3)
+            h.ensure(h.n + t, exact=t > 1)
+        h.buf.narrow(3, h.n, t).zero_()
+        h._set_n(h.n + t)
 
-    def absorb(self, store, probs: torch.Tensor, qpos: torch.Tensor) -> None:
-        # probs [B, Hkv, g, t, n]; a padding query's row is all zeros
-        ok = readable(store.pos, qpos)  # [B, Hkv, t, n]
-        n_read = ok.sum(dim=-1, keepdim=True).clamp(min=1)  # [B, Hkv, t, 1]
+    def absorb(self, store, probs: torch.Tensor, qpos: torch.Tensor, row0: int = 0) -> None:
+        # probs [B, Hkv, g, tb, N] of rows row0 .. row0 + tb of this forward's t queries; only the last `history`
+        # rows are kept, so the others are not counted at all. A padding query's row is all zeros.
+        t = self._qpos.shape[1]
+        first = max(0, t - self.history - row0)
+        if first >= probs.shape[3]:
+            return
+        probs, qpos = probs[:, :, :, first:], qpos[:, first:]
+        ok = readable(self.slot_pos(store), qpos)  # [B, Hkv, tb, N]
+        n_read = ok.sum(dim=-1, keepdim=True).clamp(min=1)  # [B, Hkv, tb, 1]
         above = (probs > (1.0 / n_read)[:, :, None]) & ok[:, :, None]
-        counts = above.sum(dim=2).to(torch.int16)  # [B, Hkv, t, n]
-        self.hist = torch.cat([self.hist, counts], dim=2)[:, :, -self.history :]
+        counts = above.sum(dim=2).to(torch.int16)  # [B, Hkv, tb, N]
+        rows = (self._row + torch.arange(counts.shape[2], device=counts.device)) % self.history
+        self.hist.index_copy_(2, rows, counts)
+        self._row = (self._row + counts.shape[2]) % self.history
 
     def on_keep(self, store, idx: torch.Tensor) -> None:
-        h = self.hist.shape[2]
-        self.hist = self.hist.gather(3, idx[:, :, None, :].expand(*idx.shape[:2], h, idx.shape[-1]))
+        self._hist.keep(idx)
 
-    def select(self, store, m: int) -> torch.Tensor:
+    def on_move(self, store, dst, src, m: int) -> None:
+        self._hist.move(dst, src, m)
+
+    def priority(self, store, m: int) -> torch.Tensor:
         # counts are integers: among equal counts the newer token wins (it was counted by fewer queries)
         pos = store.pos.double()
         score = self.hist.sum(dim=2).double() + (pos + 1) / (pos.max() + 2)
-        return top_slots(score, store.pos, m, forced=forced_recent(store.pos, m, self.recent))
+        return slot_priority(score, store.pos, forced=forced_recent(store.pos, m, self.recent))
 
     def before_attend(self, store, t: int) -> None:
+        if not self._reserved:
+            self.reserve(store)
         if t < self.budget and store.n + t > self.budget:
             self.evict_to(store, min(self.budget - t, self.budget - self.drop))
 
     def nbytes(self) -> int:
-        return 0 if self.hist is None else self.hist.numel() * self.hist.element_size()
+        return self._hist.allocated()
 
 
 @METHODS.register("scissorhands")

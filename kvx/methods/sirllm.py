@@ -19,7 +19,14 @@ import torch
 
 from kvx.errors import ConfigError
 from kvx.methods.base import ArchInfo
-from kvx.methods.common import BudgetPolicy, EvictionMethod, check_share, forced_recent, resolve_share, top_slots
+from kvx.methods.common import (
+    BudgetPolicy,
+    EvictionMethod,
+    check_share,
+    forced_recent,
+    resolve_share,
+    slot_priority,
+)
 from kvx.registry import METHODS
 
 
@@ -41,11 +48,11 @@ class TokenNLLPolicy(BudgetPolicy):
             self.scores[..., :-t] *= self.decay
         self.scores[..., -t:] = nll.float()[:, None, :]
 
-    def select(self, store, m: int) -> torch.Tensor:
+    def priority(self, store, m: int) -> torch.Tensor:
         pos = store.pos
         n_sink = min(self.sink, m)
         forced = ((pos >= 0) & (pos < n_sink)) | forced_recent(pos, m, min(self.recent, m - n_sink))
-        return top_slots(self.scores, pos, m, forced=forced)
+        return slot_priority(self.scores, pos, forced=forced)
 
 
 @METHODS.register("sirllm")

@@ -45,7 +45,11 @@ def pool_scores(score: torch.Tensor, kernel_size: int, pooling: str) -> torch.Te
 
 
 class ObservationWindowPolicy(BudgetPolicy):
-    """Keeps the last `window` queries [B, Hq, w, D] and their positions [B, w]; scores are computed at selection."""
+    """Keeps the last `window` queries [B, Hq, w, D] and their positions [B, w]; scores are computed at selection.
+
+    The pooling runs along the slots, so the slots stay in token order (`ordered`: eviction keeps, never moves)."""
+
+    ordered = True
 
     def __init__(self, budget: int, window: int, kernel_size: int, pooling: str, scaling: float):
         super().__init__(budget)
@@ -71,6 +75,9 @@ class ObservationWindowPolicy(BudgetPolicy):
 
     def on_keep(self, store, idx) -> None:
         pass
+
+    def grow_scores(self, store, t: int, fill: float = 0.0, heads=None) -> None:
+        pass  # no slot scores: they are computed at selection
 
     def window_scores(self, store) -> torch.Tensor:
         """[B, Hkv, n]: attention of the window queries to each cached slot, summed over queries and the group."""

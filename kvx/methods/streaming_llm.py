@@ -18,15 +18,18 @@ from dataclasses import dataclass
 import torch
 
 from kvx.errors import ConfigError
-from kvx.methods.base import ArchInfo, ScoredPolicy, recency_rank, select_top
+from kvx.methods.base import ArchInfo, ScoredPolicy
 from kvx.methods.common import EvictionMethod
 from kvx.registry import METHODS
 
 
 class SinkRecentPolicy(ScoredPolicy):
-    def __init__(self, budget: int, sink: int):
+    """Keeps the sinks and the most recent tokens: the keep priority is the token index, sinks above all."""
+
+    def __init__(self, budget: int, sink: int, ordered: bool = False):
         super().__init__(budget)
         self.sink = sink
+        self.ordered = ordered  # in-cache positions are assigned in slot order: keep slots in token order
 
     def on_append(self, store, t):  # no scores: the choice depends on positions only
         pass
@@ -34,14 +37,13 @@ class SinkRecentPolicy(ScoredPolicy):
     def on_keep(self, store, idx):
         pass
 
-    def select(self, store, m: int) -> torch.Tensor:
-        pos = store.pos
-        rank = recency_rank(pos)  # 0 = most recent
-        is_sink = (pos >= 0) & (pos < self.sink)
-        n_sink = min(self.sink, m)
-        recent = rank < (m - n_sink)
-        score = -rank.float()
-        return select_top(score, pos, m, forced=is_sink | recent)
+    def on_move(self, store, dst, src, m):
+        pass
+
+    def priority(self, store, m: int) -> torch.Tensor:
+        # the most recent tokens win, the sinks (the first `sink` token indices) before all; padding (-1) last
+        pos = store.pos.double()
+        return torch.where((store.pos >= 0) & (store.pos < self.sink), pos + 2.0 ** 40, pos)
 
     def nbytes(self) -> int:
         return 0
@@ -73,7 +75,7 @@ class StreamingLLM(EvictionMethod):
         return self.sink
 
     def build_policy(self, layer_idx: int, budget: int, reserved: int, arch: ArchInfo) -> SinkRecentPolicy:
-        return SinkRecentPolicy(budget, self.sink)
+        return SinkRecentPolicy(budget, self.sink, ordered=self.reindex)
 
     # in-cache positions --------------------------------------------------------------------------------------------
     def bind(self, engine) -> None:

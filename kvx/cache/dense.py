@@ -3,11 +3,11 @@
 Every store keeps, per stored slot, the token index `pos` ([B, Hkv, n], int32; -1 marks padding) and the rotary
 position its key was rotated with `rpos` (the position in use: equal to `pos` minus the cache's rotary offset when
 the slot was appended, and rewritten whenever a method re-indexes positions). Policies read `n`, `pos`, `keys()`
-and call `keep(idx)` (or `move(dst, src)` where `slot_moves`); the engine's attention function calls `attend` and
+and call `keep(idx)` (or `move_slots(dst, src, m)` where `slot_moves`); the engine's attention function calls `attend` and
 `append`.
 
 DenseStore holds its slots in preallocated buffers, written in place: appending writes after the last slot, and
-eviction either gathers the kept slots in order (`keep`) or, with `move`, copies the few kept slots from the end of
+eviction either gathers the kept slots in order (`keep`) or, with `move_slots`, copies the few kept slots from the end of
 the store into the slots just freed (so decoding with a full store moves one slot per step, not the whole cache).
 A policy tells the store its budget with `reserve(capacity)`: the buffers then hold exactly `capacity` slots between
 steps, and `nbytes()` counts the allocated capacity, so the bytes measured are the bytes the method promises.
@@ -54,8 +54,8 @@ def swap_moves(drop: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 class SlotBuffer:
     """A tensor with a slot dimension `dim`, preallocated to a capacity and filled in place; `view` is its first n
-    slots. `capacity` (when set) is the size it returns to once it holds no more; without it, it grows
-    geometrically."""
+    slots. `capacity` (when set) is the size it returns to once it holds no more; without one it holds exactly its
+    slots (each growth reallocates, as a concatenation would), so the allocated bytes are the bytes held."""
 
     def __init__(self, dim: int = 2, capacity: int | None = None):
         self.dim = dim
@@ -78,20 +78,17 @@ class SlotBuffer:
         self._set_n(self.n)
 
     def ensure(self, need: int, exact: bool = False) -> None:
-        """Room for `need` slots (beyond the capacity: exactly `need` for a chunk, or by doubling)."""
+        """Room for `need` slots: the capacity, or exactly `need` beyond it (a chunk longer than the budget)."""
         have = self.buf.shape[self.dim]
-        if need <= have:
-            return
-        cap = self.capacity or 0
-        if need <= cap:
-            self._realloc(cap)
-        else:
-            self._realloc(need if exact or self.capacity is not None else max(need, 2 * have))
+        if need > have:
+            self._realloc(max(need, self.capacity or 0))
 
     def settle(self) -> None:
-        """Back to the capacity once the slots fit (after a chunk longer than the budget was evicted)."""
-        if self.capacity is not None and self.buf is not None and self.n <= self.capacity < self.buf.shape[self.dim]:
-            self._realloc(self.capacity)
+        """Back to the capacity (exactly the slots held, without one) once the slots fit."""
+        if self.buf is not None:
+            target = self.n if self.capacity is None else self.capacity
+            if self.n <= target < self.buf.shape[self.dim]:
+                self._realloc(target)
 
     def append(self, x: torch.Tensor) -> None:
         t = x.shape[self.dim]
@@ -101,7 +98,7 @@ class SlotBuffer:
             self.buf = x.new_empty(shape)
             self.n = 0
         else:
-            self.ensure(self.n + t, exact=t > 1)
+            self.ensure(self.n + t)
         self.buf.narrow(self.dim, self.n, t).copy_(x)
         self._set_n(self.n + t)
 
@@ -111,7 +108,7 @@ class SlotBuffer:
             self.buf = torch.empty(B, H, max(t, self.capacity or 0), dtype=dtype, device=device)
             self.n = 0
         else:
-            self.ensure(self.n + t, exact=t > 1)
+            self.ensure(self.n + t)
         self.buf.narrow(self.dim, self.n, t).fill_(fill)
         self._set_n(self.n + t)
 
@@ -150,7 +147,7 @@ class Store(ABC):
     take `move(dst, src, m)` (eviction by moving kept slots into freed ones; slot order is then not token order)."""
 
     pos: torch.Tensor | None
-    slot_moves: bool = False  # takes move(dst, src, m)
+    slot_moves: bool = False  # takes move_slots(dst, src, m)
     probs_blocks: bool = False  # attend takes probs_fn (probabilities handed over block by block)
 
     @property
@@ -354,7 +351,13 @@ class DenseStore(TensorStore):
         self._publish()
         self._staged = k_new
         k, v, pos = (self._f[x].buf.narrow(2, 0, n + t) for x in ("k", "v", "pos"))
+        k = self.attention_keys(k, n)
         return _attend(q, k, v, pos, qpos, scaling, return_probs, probs_fn, all_real=self._all_real, n_stored=n)
+
+    def attention_keys(self, k: torch.Tensor, n: int) -> torch.Tensor:
+        """The keys attention reads, from k [B, Hkv, n + t, D] (n stored, then the new ones): k itself here; a store
+        that keeps keys apart from their positions in use (kvx.cache.rotated.MovableStore) moves them here."""
+        return k
 
     def append(self, k_new, v_new, pos_new, rpos_new=None) -> None:
         staged = getattr(self, "_staged", None)
@@ -387,7 +390,7 @@ class DenseStore(TensorStore):
         self._publish()
         return evicted
 
-    def move(self, dst: torch.Tensor, src: torch.Tensor, m: int, drop: torch.Tensor | None = None) -> None:
+    def move_slots(self, dst: torch.Tensor, src: torch.Tensor, m: int, drop: torch.Tensor | None = None) -> None:
         """Evict by slot moves (see `swap_moves`), keeping m slots; O(moved slots), not O(n). `drop` (the slots
         evicted) is for stores that keep what is evicted."""
         self._sync()
@@ -428,6 +431,7 @@ class IndexStore(Store):
         self._idx.append(torch.zeros(B, H, 0, dtype=torch.long, device=k_window.device))
         self._pos.append(torch.zeros(B, H, 0, dtype=torch.int32, device=k_window.device))
         self.bytes_per_token = bytes_per_token
+        self._all_real = True  # no slot marked unused by a policy (see kvx/methods/adakv.py mark_unused)
         self._publish()
 
     def _publish(self) -> None:
@@ -435,7 +439,13 @@ class IndexStore(Store):
         self.pos = self._pos.view
         self.rpos = self.pos
 
+    def _sync(self) -> None:
+        """Take in `pos` set from outside (a policy marking slots unused)."""
+        if self.pos is not self._pos.view:
+            self._pos.adopt(self.pos)
+
     def reserve(self, capacity: int) -> None:
+        self._sync()
         for f in (self._idx, self._pos):
             f.capacity = int(capacity)
             f.ensure(capacity)
@@ -450,6 +460,7 @@ class IndexStore(Store):
         return self.k_window.gather(2, self.idx[..., None].expand(*self.idx.shape, D))
 
     def append_index(self, i0: int, t: int) -> None:
+        self._sync()
         B, H = self.idx.shape[:2]
         new = torch.arange(i0, i0 + t, device=self.idx.device).expand(B, H, t)
         self._idx.append(new)
@@ -457,13 +468,15 @@ class IndexStore(Store):
         self._publish()
 
     def keep(self, idx: torch.Tensor) -> None:
+        self._sync()
         idx = idx.sort(dim=-1).values
         self._idx.keep(idx)
         self._pos.keep(idx)
         self._publish()
         return None
 
-    def move(self, dst: torch.Tensor, src: torch.Tensor, m: int, drop: torch.Tensor | None = None) -> None:
+    def move_slots(self, dst: torch.Tensor, src: torch.Tensor, m: int, drop: torch.Tensor | None = None) -> None:
+        self._sync()
         self._idx.move(dst, src, m)
         self._pos.move(dst, src, m)
         self._publish()

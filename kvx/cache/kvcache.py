@@ -107,14 +107,18 @@ class KVXLayer(CacheLayerMixin):
             istore.append_index(i, 1)  # the query's own slot: istore.idx is now what query i reads
             slots = istore.idx  # [B, Hkv, n]
             n = slots.shape[-1]
+            if n > steps.shape[-1]:  # a policy that holds more than its budget per head (padded, as AdaKV)
+                own = torch.arange(T, device=q.device).view(1, 1, T, 1).expand(B, Hkv, T, n - steps.shape[-1])
+                steps = torch.cat([steps, own], dim=-1)  # extra columns: each row's own token (always allowed)
+            masked = padded or not istore._all_real  # some slot may be padding, or marked unused (-1)
             row = steps[:, :, i]
-            row[..., :n] = slots
+            row[..., :n] = torch.where(istore.pos >= 0, slots, i) if masked else slots
             row[..., n:] = i
             peak = max(peak, n)
             probs = None
             if logits is not None:
                 lg = logits[:, :, :, i, :].gather(-1, slots[:, :, None, :].expand(B, Hkv, g, n))
-                if padded:
+                if masked:
                     qp = qpos[:, i][:, None, None]
                     ok = ((istore.pos >= 0) & (istore.pos <= qp)) | (qp < 0)
                     lg = lg.masked_fill(~ok[:, :, None], float("-inf"))

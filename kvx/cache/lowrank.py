@@ -248,12 +248,12 @@ class LowRankStore(Store):
     def slot_moves(self) -> bool:
         return bool(getattr(self.inner, "slot_moves", False))
 
-    def move(self, dst: torch.Tensor, src: torch.Tensor, m: int, drop: torch.Tensor | None = None) -> None:
+    def move_slots(self, dst: torch.Tensor, src: torch.Tensor, m: int, drop: torch.Tensor | None = None) -> None:
         """Eviction by slot moves (kvx.cache.dense.swap_moves): the dropped slots are folded into the state first."""
         if drop is not None:
             ev = self.inner.gather_slots(drop.sort(dim=-1).values)
             self.absorb(ev["k"], ev["v"], ev["pos"])
-        self.inner.move(dst, src, m)
+        self.inner.move_slots(dst, src, m)
 
     def nbytes(self) -> int:
         return self.inner.nbytes() + self.state_nbytes()

@@ -20,6 +20,8 @@ class MovableStore(DenseStore):
 
     `k` holds the keys as the model produced them (never re-rotated); `move(delta)` only adds to `shift`."""
 
+    slot_moves = False  # `shift` follows keep(), not slot moves
+
     def __init__(self, rotary_emb) -> None:
         super().__init__()
         self.rotary_emb = rotary_emb  # the model's rotary embedding module (kvx.rope.find_rotary_embedding)
@@ -39,14 +41,12 @@ class MovableStore(DenseStore):
         delta = delta.to(torch.int32)
         self.shift = delta if self.shift is None else self.shift + delta
 
-    def attend(self, q, k_new, v_new, pos_new, qpos, scaling, return_probs=False):
-        held = self.k
-        self.k = self.moved_keys()  # attention reads the moved keys; the held ones stay untouched
-        try:
-            return super().attend(q, k_new, v_new, pos_new, qpos, scaling, return_probs)
-        finally:
-            self.k = held
-            self._pending = None  # the concatenation attend made holds moved keys: append must not reuse it
+    def attention_keys(self, k: torch.Tensor, n: int) -> torch.Tensor:
+        """Attention reads the moved keys (the n stored ones; the new ones sit where the model put them); the held
+        keys stay untouched."""
+        if self.shift is None or n == 0 or not bool(self.shift.any()):
+            return k
+        return torch.cat([rerotate(k[:, :, :n], self.shift, self.rotary_emb), k[:, :, n:]], dim=2)
 
     def append(self, k_new, v_new, pos_new) -> None:
         super().append(k_new, v_new, pos_new)

@@ -166,7 +166,7 @@ class ScoredPolicy(LayerPolicy, ABC):
         drop = self.select_drop(store, n - m)
         dst, src = swap_moves(drop, n)
         self.on_move(store, dst, src, m)
-        store.move(dst, src, m, drop)
+        store.move_slots(dst, src, m, drop)
 
     def on_keep(self, store: Store, idx: torch.Tensor) -> None:
         if self._scores.buf is not None:

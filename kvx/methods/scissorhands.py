@@ -55,7 +55,7 @@ class PersistencePolicy(AttentionPolicy):
             h.buf = torch.zeros(B, H, self.history, max(t, self.budget), dtype=torch.int16, device=dev)
             h.n = 0
         else:
-            h.ensure(h.n + t, exact=t > 1)
+            h.ensure(h.n + t)
         h.buf.narrow(3, h.n, t).zero_()
         h._set_n(h.n + t)
 

@@ -40,10 +40,17 @@ class SinkRecentPolicy(ScoredPolicy):
     def on_move(self, store, dst, src, m):
         pass
 
-    def priority(self, store, m: int) -> torch.Tensor:
-        # the most recent tokens win, the sinks (the first `sink` token indices) before all; padding (-1) last
+    def _order(self, store) -> torch.Tensor:
+        # position, not a score: the most recent tokens win, the sinks (the first `sink` token indices) before all;
+        # padding (-1) last
         pos = store.pos.double()
         return torch.where((store.pos >= 0) & (store.pos < self.sink), pos + 2.0 ** 40, pos)
+
+    def select(self, store, m: int) -> torch.Tensor:
+        return self._order(store).topk(m, dim=-1).indices
+
+    def select_drop(self, store, k: int) -> torch.Tensor:
+        return self._order(store).topk(k, dim=-1, largest=False).indices
 
     def nbytes(self) -> int:
         return 0

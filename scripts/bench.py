@@ -821,12 +821,13 @@ def plot(res: dict, out_dir: Path) -> None:
                                  squeeze=False)
         for i, (key, scale, ylabel) in enumerate(keys):
             for ax, (model, B) in zip(axes[i], panels):
-                for s in res["systems"]:
+                for j, s in enumerate(res["systems"]):
                     pts = sorted((r["context"], r[key]) for r in rows if r["system"] == s and r["model"] == model
                                  and r["batch"] == B and r.get(key))
                     if pts:
-                        ax.plot([p[0] for p in pts], [p[1] * scale for p in pts], marker="o",
-                                linestyle="--" if res["kinds"][s] in (GENERATE, "hf_quant") else "-", label=s)
+                        ax.plot([p[0] for p in pts], [p[1] * scale for p in pts], marker="os^Dv"[j % 5],
+                                color=plt.cm.tab20(j % 20), label=s,
+                                linestyle="--" if res["kinds"][s] in (GENERATE, "hf_quant") else "-")
                 ax.set_xscale("log", base=2)
                 ax.set_yscale("log")
                 ax.set_xlabel("context (tokens)")

@@ -5,6 +5,7 @@ waited for; a run folder that does not validate is moved aside and made again (k
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -155,7 +156,7 @@ def run(cfg: DictConfig) -> RunResult:
         waiting = lambda: print(f"[kvx] waiting: another process is running this config ({p.run_dir})")  # noqa: E731
         with claim(p.run_dir, on_wait=waiting):
             if not force and (metrics := existing_metrics(p.run_dir)) is not None:
-                return _skip(cfg, p, metrics)  # the other process finished it while we waited
+                return _skip(cfg, p, metrics, held=True)  # the other process finished it while we waited
             if removed := remove_leftovers(p.run_dir):
                 print(f"[kvx] removed {removed} staging folder(s) left by killed runs of this config")
             p.task.check()  # data paths and fields, before the model loads
@@ -172,13 +173,14 @@ def _done_quietly(run_dir: Path) -> dict | None:
         return None  # reported and moved aside under the claim
 
 
-def _skip(cfg: DictConfig, p: Plan, metrics: dict) -> RunResult:
+def _skip(cfg: DictConfig, p: Plan, metrics: dict, held: bool = False) -> RunResult:
     print(json.dumps(metrics, indent=2, default=str))
     print(f"[kvx] skipped: already done (force=true to run again): {p.run_dir}")
     res = RunResult(p.run_dir, metrics, skipped=True)
     logger_cfg = OmegaConf.to_container(cfg.logger, resolve=True) if cfg.get("logger") is not None else {}
     if (logger_cfg or {}).get("name", "none") != "none":
-        res.wandb_dir = _log_existing(logger_cfg, p, metrics)
+        with contextlib.nullcontext() if held else claim(p.run_dir):  # one process writes W&B files into the folder
+            res.wandb_dir = _log_existing(logger_cfg, p, metrics)
     return res
 
 
@@ -193,15 +195,14 @@ def _log_existing(logger_cfg: dict, p: Plan, metrics: dict) -> Path | None:
         return _offline_dir(d)
     config = yaml.safe_load((d / "config.yaml").read_text(encoding="utf-8"))
     outputs = [json.loads(line) for line in (d / "outputs.jsonl").read_text(encoding="utf-8").splitlines() if line]
-    with claim(d):
-        logger = make_logger(logger_cfg, d, config, name=run_name(config.get("method") or {}, p.task.name))
-        try:
-            logger.log_outputs(outputs)
-            logger.log_summary(metrics)
-            for png in sorted(d.glob("*.png")):
-                logger.log_image(png.stem, png)
-        finally:
-            logger.finish()
+    logger = make_logger(logger_cfg, d, config, name=run_name(config.get("method") or {}, p.task.name))
+    try:
+        logger.log_outputs(outputs)
+        logger.log_summary(metrics)
+        for png in sorted(d.glob("*.png")):
+            logger.log_image(png.stem, png)
+    finally:
+        logger.finish()
     print(f"[kvx] logged the existing results to W&B ({logger_cfg.get('project', 'kvx')})")
     return _offline_dir(d) if getattr(logger, "offline", False) else None
 

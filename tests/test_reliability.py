@@ -97,10 +97,11 @@ def _fake_result(d: Path) -> None:
 
 
 def test_second_identical_run_waits_then_skips_with_its_metrics(tmp_path):
-    args = [f"results_dir={tmp_path}", *TINY]
+    args = [f"results_dir={tmp_path}", *TINY, "logger=wandb"]  # and logs the result it found to W&B
     run_dir = plan(_cfg(tmp_path)).run_dir
+    env = {k: v for k, v in _env().items() if k not in ("WANDB_API_KEY", "WANDB_MODE")}
     with claim(run_dir):
-        proc = subprocess.Popen([sys.executable, str(REPO / "run.py"), *args], cwd=REPO, env=_env(),
+        proc = subprocess.Popen([sys.executable, str(REPO / "run.py"), *args], cwd=REPO, env=env,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         line = proc.stdout.readline()
         assert line.startswith("[kvx] waiting: another process is running this config"), line
@@ -108,6 +109,7 @@ def test_second_identical_run_waits_then_skips_with_its_metrics(tmp_path):
     out, err = proc.communicate()
     assert proc.returncode == 0, err
     assert "[kvx] skipped" in out and '"ppl": 1.2345' in out  # a skipped run prints its metrics
+    assert "[kvx] logged the existing results to W&B" in out and list(run_dir.glob("wandb/offline-run-*"))
     assert not [p for p in run_dir.parent.iterdir() if p.name.startswith(".")]
 
 

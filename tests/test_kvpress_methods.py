@@ -153,7 +153,10 @@ def test_adakv_full_budget_is_the_full_cache(stories, tiny_ids):
     assert torch.equal(full, ada)
 
 
-def test_adakv_refuses_bad_fields():
+def test_adakv_refuses_bad_fields(stories):
+    model, tok = stories
+    with pytest.raises(ConfigError, match="method.base.name.*per-slot score"):  # positions only: nothing to share
+        Engine(model, tok, AdaKV(base={"name": "streaming_llm", "budget": 16})).new_cache(1, 64)
     with pytest.raises(ConfigError, match="method.base.name.*evicts nothing"):
         AdaKV(base={"name": "full"}).validate()
     with pytest.raises(ConfigError, match="method.base.name"):

@@ -23,7 +23,6 @@ import torch
 
 from kvx.errors import ConfigError
 from kvx.methods.base import ArchInfo, LayerPolicy, Method, ScoredPolicy
-from kvx.methods.common import forced_recent, top_slots
 from kvx.registry import METHODS
 
 REFUSED = {"adakv": "AdaKV cannot wrap itself", "less": "give LESS's own base policy instead",
@@ -37,51 +36,10 @@ def build_base(values: Any) -> Method:
                                evicts_nothing="evicts nothing; give a scored eviction method (snapkv, h2o, knorm, ...)")
 
 
-class SlotScored:
-    """Mixin for a ScoredPolicy whose slots have scores comparable across heads: `slot_scores(store, m)` ->
-    (scores [B, Hkv, n], forced [B, Hkv, n] or None); `select` keeps the m best per head (AdaKV shares them)."""
-
-    def slot_scores(self, store, m: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        raise NotImplementedError
-
-    def select(self, store, m: int) -> torch.Tensor:
-        scores, forced = self.slot_scores(store, m)
-        return top_slots(scores, store.pos, m, forced=forced)
-
-
-def _priority(scores: torch.Tensor, pos: torch.Tensor, forced: torch.Tensor | None) -> torch.Tensor:
-    """[B, Hkv, n] float64: forced slots first, then the scores, padding last."""
-    s = torch.where(pos >= 0, scores.double(), -1e300)
-    return s if forced is None else torch.where(forced, 1e300, s)
-
-
-def slot_priority(policy, store, m: int) -> torch.Tensor:
-    """The base policy's keep priority of each slot, [B, Hkv, n] (float64), for a per-head budget of m."""
-    own = getattr(type(policy), "priority", None)
-    if own is not None and own is not getattr(ScoredPolicy, "priority", None):
-        return policy.priority(store, m)
-    if hasattr(policy, "slot_scores"):
-        scores, forced = policy.slot_scores(store, m)
-        return _priority(scores, store.pos, forced)
-    from kvx.methods.h2o import HeavyRecentPolicy
-    from kvx.methods.snapkv import ObservationWindowPolicy, pool_scores
-
-    if isinstance(policy, HeavyRecentPolicy):
-        return _priority(policy.scores, store.pos, forced_recent(store.pos, m, policy.recent))
-    if isinstance(policy, ObservationWindowPolicy):
-        window = forced_recent(store.pos, m, policy.window)
-        score = pool_scores(policy.window_scores(store).masked_fill(window, 0.0), policy.kernel_size, policy.pooling)
-        return _priority(score, store.pos, window)
-    raise TypeError(type(policy).__name__)
-
-
 def has_priority(policy) -> bool:
-    from kvx.methods.h2o import HeavyRecentPolicy
-    from kvx.methods.snapkv import ObservationWindowPolicy
-
+    """Whether the policy ranks slots by a priority (ScoredPolicy.priority) that heads can share."""
     own = getattr(type(policy), "priority", None)
-    return (own is not None and own is not getattr(ScoredPolicy, "priority", None)) or hasattr(policy, "slot_scores") \
-        or isinstance(policy, (HeavyRecentPolicy, ObservationWindowPolicy))
+    return own is not None and own is not ScoredPolicy.priority
 
 
 def mark_unused(store, valid: torch.Tensor) -> None:
@@ -151,7 +109,7 @@ class AdaptivePolicy(LayerPolicy):
         pos = store.pos
         B, H, n = pos.shape
         real = pos >= 0
-        pri = slot_priority(self.inner, store, m)
+        pri = self.inner.priority(store, m)  # [B, Hkv, n] float64
         safe = min(int(m * self.alpha), n)
         if safe:
             top = torch.zeros_like(real).scatter_(2, pri.topk(safe, dim=-1).indices, True)

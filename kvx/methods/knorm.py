@@ -17,13 +17,12 @@ from dataclasses import dataclass
 
 import torch
 
-from kvx.methods.adakv import SlotScored
 from kvx.methods.base import ArchInfo
-from kvx.methods.common import BudgetPolicy, EvictionMethod
+from kvx.methods.common import BudgetPolicy, EvictionMethod, slot_priority
 from kvx.registry import METHODS
 
 
-class KeyNormPolicy(SlotScored, BudgetPolicy):
+class KeyNormPolicy(BudgetPolicy):
     """Scores = -||k||_2 of each stored key, per KV head."""
 
     def on_append(self, store, t: int) -> None:  # nothing to accumulate
@@ -32,10 +31,9 @@ class KeyNormPolicy(SlotScored, BudgetPolicy):
     def on_keep(self, store, idx) -> None:
         pass
 
-    def slot_scores(self, store, m: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(scores [B, Hkv, n], slots that must stay or None)."""
+    def priority(self, store, m: int) -> torch.Tensor:
         norm = store.keys().float().norm(dim=-1).half().double()  # [B, Hkv, n], on a grid coarser than rounding
-        return -norm + store.pos.double() * 1e-12, None  # equal norms: the newer token first
+        return slot_priority(-norm + store.pos.double() * 1e-12, store.pos)  # equal norms: the newer token first
 
 
 @METHODS.register("knorm")

@@ -15,9 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
-from kvx.methods.adakv import SlotScored
 from kvx.methods.base import ArchInfo
-from kvx.methods.common import forced_recent
+from kvx.methods.common import forced_recent, slot_priority
 from kvx.methods.h2o import H2O, HeavyRecentPolicy
 from kvx.registry import METHODS
 
@@ -29,11 +28,11 @@ def observed_counts(pos: torch.Tensor) -> torch.Tensor:
     return (last - p + 1).clamp(min=1)
 
 
-class ObservedAttentionPolicy(SlotScored, HeavyRecentPolicy):
-    def slot_scores(self, store, m: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(mean attention per query that saw the slot [B, Hkv, n], the recent slots that must stay)."""
-        scores = self.scores / observed_counts(store.pos)
-        return scores, (forced_recent(store.pos, m, self.recent) if self.recent else None)
+class ObservedAttentionPolicy(HeavyRecentPolicy):
+    def priority(self, store, m: int) -> torch.Tensor:
+        """Mean attention per query that saw the slot; the recent slots (if any) first."""
+        forced = forced_recent(store.pos, m, self.recent) if self.recent else None
+        return slot_priority(self.scores / observed_counts(store.pos), store.pos, forced)
 
 
 @METHODS.register("observed_attention")

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from kvx.errors import ConfigError
 from kvx.methods.base import ArchInfo
-from kvx.methods.common import BudgetPolicy, EvictionMethod, forced_recent, readable, top_slots
+from kvx.methods.common import BudgetPolicy, EvictionMethod, forced_recent, readable, slot_priority
 from kvx.registry import METHODS
 
 POOLINGS = ("avg", "max")
@@ -91,11 +91,11 @@ class ObservationWindowPolicy(BudgetPolicy):
         probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)  # a padding query reads nothing
         return probs.sum(dim=(2, 3))
 
-    def select(self, store, m: int) -> torch.Tensor:
+    def priority(self, store, m: int) -> torch.Tensor:
         keep_window = forced_recent(store.pos, m, self.window)
         score = self.window_scores(store).masked_fill(keep_window, 0.0)
         score = pool_scores(score, self.kernel_size, self.pooling)
-        return top_slots(score, store.pos, m, forced=keep_window)
+        return slot_priority(score, store.pos, forced=keep_window)
 
     def nbytes(self) -> int:
         if self.q is None:

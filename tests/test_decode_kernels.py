@@ -217,35 +217,49 @@ def tiny_engine(method_name="full", **fields):
     return Engine(model, tok, METHODS.get(method_name)(**fields))
 
 
-@pytest.mark.parametrize("method,fields", [("full", {}), ("streaming_llm", {"budget": 9, "sink": 2})])
-def test_engine_decode_through_triton_matches_reference(method, fields, monkeypatch):
-    """Left-padded batch: the kernel must skip padding slots exactly as the reference mask does."""
+def spy_kernel(monkeypatch, what) -> list:
+    """Record what(args, kwargs) of every call of the Triton decode kernel."""
     from kvx.kernels import decode_triton
 
     calls = []
     real = decode_triton.decode_attention_triton
 
     def counted(*a, **kw):
-        calls.append(a[1].shape[2])
+        calls.append(what(a, kw))
         return real(*a, **kw)
 
     monkeypatch.setattr(decode_triton, "decode_attention_triton", counted)
+    return calls
+
+
+def decode_steps(eng, ids, am, backend: str, n: int):
+    """Prefill (left-padded batch) and n greedy decoding steps through `backend`: logits [n, B, V] and the kept token
+    indices of every layer after each step."""
+    kernels.set_backend(backend)
+    try:
+        cache = eng.new_cache(ids.shape[0], seq_len=ids.shape[1] + n)
+        eng.prefill(cache, ids, am)
+        steps, kept = [], []
+        tok = cache.last_logits.argmax(-1)
+        for _ in range(n):
+            logits = eng.forward(cache, tok[:, None])[:, -1]
+            steps.append(logits)
+            kept.append([layer.store.pos.sort(-1).values.tolist() for layer in cache.layers])
+            tok = logits.argmax(-1)
+        return torch.stack(steps), kept
+    finally:
+        kernels.set_backend("auto")
+
+
+@pytest.mark.parametrize("method,fields", [("full", {}), ("streaming_llm", {"budget": 9, "sink": 2})])
+def test_engine_decode_through_triton_matches_reference(method, fields, monkeypatch):
+    """Left-padded batch: the kernel must skip padding slots exactly as the reference mask does."""
+    calls = spy_kernel(monkeypatch, lambda a, kw: a[1].shape[2])
     eng = tiny_engine(method, **fields)
     ids = torch.randint(3, 128, (2, 10), generator=torch.Generator().manual_seed(0))
     am = torch.ones_like(ids)
     am[1, :4] = 0
-    runs = {}
-    for name in ("ref", "triton"):
-        kernels.set_backend(name)
-        cache = eng.new_cache(2, seq_len=15)
-        eng.prefill(cache, ids, am)
-        steps = []
-        tok = cache.last_logits.argmax(-1)
-        for _ in range(5):
-            logits = eng.forward(cache, tok[:, None])[:, -1]
-            steps.append(logits)
-            tok = logits.argmax(-1)
-        runs[name] = torch.stack(steps)
+    runs = {name: decode_steps(eng, ids, am, name, 5)[0] for name in ("ref", "triton")}
     assert len(calls) == 5 * 2  # every decode step of both layers went through the kernel, the prefill did not
     if method == "streaming_llm":
         assert max(calls) == 9  # the kernel read at most the budget
@@ -313,3 +327,18 @@ def test_dense_store_append_after_outside_change_does_not_reuse():
     st.k = st.k * 2  # e.g. keys re-rotated by a method between the two calls
     st.append(kn, vn, pn)
     assert torch.equal(st.k, torch.cat([k * 2, kn], 2)) and torch.equal(st.v, torch.cat([v, vn], 2))
+
+
+@pytest.mark.parametrize("method,fields", [("h2o", {"budget": 8}), ("tova", {"budget": 8})])
+def test_fused_score_accumulation_through_triton_matches_reference(method, fields, monkeypatch):
+    """Decoding with h2o/tova through the Triton kernel: the kernel returns the attention summed over each group
+    beside the output (one pass, no probabilities), and the kept sets and logits equal the reference backend's."""
+    calls = spy_kernel(monkeypatch, lambda a, kw: a[10] if len(a) > 10 else kw.get("return_scores", False))
+    eng = tiny_engine(method, **fields)
+    ids = torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(1))
+    am = torch.ones_like(ids)
+    am[1, :3] = 0
+    runs = {name: decode_steps(eng, ids, am, name, 6) for name in ("ref", "triton")}
+    assert len(calls) == 6 * 2 and all(calls)  # every decode step asked the kernel for the group sums
+    assert runs["triton"][1] == runs["ref"][1]
+    torch.testing.assert_close(runs["triton"][0], runs["ref"][0], atol=1e-4, rtol=1e-4)

@@ -612,7 +612,7 @@ def test_probabilities_only_when_declared_and_never_t_by_t_in_decode(stories, ti
     calls = []
     real_attend = DenseStore.attend
 
-    def spy(self, q, k_new, v_new, pos_new, qpos, scaling, return_probs=False, probs_fn=None):
+    def spy(self, q, k_new, v_new, pos_new, qpos, scaling, return_probs=False, probs_fn=None, sums_fn=None):
         shapes = []
         if probs_fn is not None:  # probabilities handed over block by block by the attention pass itself
 
@@ -621,7 +621,8 @@ def test_probabilities_only_when_declared_and_never_t_by_t_in_decode(stories, ti
                 inner(p, row0)
         else:
             fn = None
-        out, probs = real_attend(self, q, k_new, v_new, pos_new, qpos, scaling, return_probs, probs_fn=fn)
+        out, probs = real_attend(self, q, k_new, v_new, pos_new, qpos, scaling, return_probs, probs_fn=fn,
+                                 sums_fn=sums_fn)
         if probs is not None:
             shapes.append(tuple(probs.shape))
         calls.append((q.shape[2], return_probs or probs_fn is not None, shapes[0] if shapes else None))
@@ -639,3 +640,153 @@ def test_probabilities_only_when_declared_and_never_t_by_t_in_decode(stories, ti
         assert (shape is not None) == needs
     for _, _, shape in decode:
         assert shape is None or shape[2] == 1 and shape[3] <= 16  # one query over at most the budget
+
+
+# optimised paths against their references ---------------------------------------------------------------------------
+SCORED = ["h2o", "tova", "scissorhands", "sirllm", "streaming_llm"]
+
+
+@pytest.mark.parametrize("name", SCORED)
+def test_evict_by_move_keeps_the_same_sets_and_bytes(stories, tiny_ids, name):
+    """evict_by: move (kept tail slots fill the freed ones) keeps what evict_by: keep keeps, step by step, with the
+    same bytes; the logits differ only by the order of float sums over the slots; stream equals masked under it."""
+    model, tok = stories
+    ids = torch.tensor([tiny_ids[:70]])
+    runs = {}
+    for how in ("keep", "move"):
+        eng = Engine(model, tok, small(name, budget=16, evict_by=how))
+        got, cache, kept = stream(eng, ids, record=True)
+        runs[how] = (got, kept, cache.nbytes(), eng)
+    assert runs["move"][1] == runs["keep"][1]  # kept sets after every step, every layer and head
+    assert runs["move"][2] == runs["keep"][2]
+    torch.testing.assert_close(runs["move"][0], runs["keep"][0], atol=1e-4, rtol=0)
+    eng = runs["move"][3]
+    if eng.method.has_mask_form:
+        ns, _ = eng.score_window(ids, mode="stream")
+        nm, _ = eng.score_window(ids, mode="masked")
+        assert float((ns - nm).abs().max()) < 1e-4
+
+
+def test_move_slots_moves_only_the_evicted_slots():
+    """swap_moves + move_slots against an explicit reference: each dropped slot below n - k receives a kept tail slot;
+    every other slot stays where it was."""
+    from kvx.cache.dense import DenseStore, swap_moves
+
+    B, H, n, D = 2, 3, 12, 4
+    k = torch.randn(B, H, n, D)
+    pos = torch.arange(n, dtype=torch.int32).expand(B, H, n).contiguous()
+    st = DenseStore(capacity=n)
+    st.append(k, k.clone(), pos)
+    g = torch.Generator().manual_seed(0)
+    drop = torch.stack([torch.stack([torch.randperm(n, generator=g)[:4] for _ in range(H)]) for _ in range(B)])
+    dst, src = swap_moves(drop, n)
+    st.move_slots(dst, src, n - 4)
+    for b in range(B):
+        for h in range(H):
+            d = set(drop[b, h].tolist())
+            tail_kept = [s for s in range(n - 4, n) if s not in d]
+            holes = sorted(s for s in d if s < n - 4)
+            want = list(range(n - 4))
+            for hole, s in zip(holes, tail_kept):
+                want[hole] = s
+            assert st.pos[b, h].tolist() == want
+            torch.testing.assert_close(st.k[b, h], k[b, h, want])
+    assert st.nbytes() == 2 * n * D * B * H * 4  # the capacity stays allocated
+
+
+def test_buffers_are_reserved_once_and_bytes_match_the_promise(stories, tiny_ids):
+    """Decoding writes in place: the store's buffers and the score buffer keep their storage from step to step, and
+    the bytes held are the budget's (a full cache's: its sequence length)."""
+    model, tok = stories
+    a_budget = 20
+    eng = Engine(model, tok, small("h2o", budget=a_budget))
+    a = eng.arch
+    per_token = a.n_kv_heads * 2 * a.head_dim * a.dtype_bytes
+    ids = torch.tensor([tiny_ids[:40]])
+    cache = eng.new_cache(1, seq_len=60)
+    eng.prefill(cache, ids, chunk_size=8)
+    layer = cache.layers[0]
+    ptrs = (layer.store.k.data_ptr(), layer.store.v.data_ptr(), layer.policy.scores.data_ptr())
+    tok_id = cache.last_logits.argmax(-1)
+    for _ in range(12):
+        tok_id = eng.forward(cache, tok_id[:, None])[:, -1].argmax(-1)
+        assert (layer.store.k.data_ptr(), layer.store.v.data_ptr(), layer.policy.scores.data_ptr()) == ptrs
+    assert cache.nbytes() == a.n_layers * a_budget * per_token
+    full = Engine(model, tok, Full())
+    c = full.new_cache(1, seq_len=60)
+    full.prefill(c, ids)
+    assert c.nbytes() == a.n_layers * 60 * per_token  # reserved for the sequence it was built for
+
+
+@pytest.mark.parametrize("name", ["h2o", "tova", "scissorhands"])
+def test_prefill_probabilities_in_blocks_equal_one_block(stories, tiny_ids, name, monkeypatch):
+    """A one-shot prefill longer than the budget: the attention pass hands the probabilities over in blocks of a few
+    queries (never T x T at once), and the kept sets and logits equal those of a single block."""
+    from kvx.kernels import reference
+    from kvx.methods.common import AttentionPolicy
+
+    model, tok = stories
+    ids = torch.tensor([tiny_ids[:90]])
+    T = ids.shape[1]
+    real = AttentionPolicy.probs_block
+    runs = []
+    for limit in (1 << 40, 8 * 4 * T):  # one block; blocks of 4 queries (8 heads x 4 rows x T slots)
+        shapes = []
+
+        def spy(self, probs, row0, shapes=shapes):
+            shapes.append(tuple(probs.shape))
+            real(self, probs, row0)
+
+        monkeypatch.setattr(reference, "BLOCK_ELEMENTS", limit)
+        monkeypatch.setattr(AttentionPolicy, "probs_block", spy)
+        eng = Engine(model, tok, small(name, budget=24))
+        cache = eng.new_cache(1, seq_len=T)
+        logits = eng.prefill(cache, ids)
+        runs.append((logits, [sets(layer.store) for layer in cache.layers], shapes))
+    (l1, s1, sh1), (l4, s4, sh4) = runs
+    assert max(s[2] for s in sh1) == T and max(s[2] for s in sh4) == 4
+    assert s4 == s1
+    torch.testing.assert_close(l4, l1, atol=1e-5, rtol=0)
+
+
+def test_tova_keep_newest(stories, tiny_ids):
+    """keep_newest: true never drops the token just appended; false (the paper's rule) lets it compete, and on this
+    text it is dropped at least once."""
+    model, tok = stories
+    ids = torch.tensor([tiny_ids[:120]])
+    dropped = {}
+    for keep in (True, False):
+        eng = Engine(model, tok, make("tova", budget=6, keep_newest=keep))
+        _, _, kept = stream(eng, ids, record=True)
+        dropped[keep] = sum(1 for i in range(1, len(kept)) for layer in kept[i] if i - 1 not in layer[0])
+    assert dropped[True] == 0
+    assert dropped[False] > 0
+
+
+def test_rpos_is_the_rotary_position_in_use(stories, tiny_ids):
+    """With StreamingLLM's in-cache positions, every slot's rpos is the position its key was rotated with: the slots
+    appended since the last compaction hold token index minus the rotary offset, not the token index."""
+    model, tok = stories
+    eng = Engine(model, tok, make("streaming_llm", budget=12, sink=2, reindex=True))
+    ids = torch.tensor([tiny_ids[:40]])
+    cache = eng.new_cache(1, seq_len=40)
+    eng.prefill(cache, ids[:, :30])
+    eng.forward(cache, ids[:, 30:33])  # three new tokens after a compaction
+    for layer in cache.layers:
+        rpos = layer.store.rpos[0, 0].tolist()
+        assert rpos == list(range(len(rpos)))  # in-cache positions 0 .. n-1, the three new ones included
+        assert layer.store.pos[0, 0, -3:].tolist() == [30, 31, 32]
+
+
+def test_streaming_llm_closed_mask_equals_the_step_by_step_policy(stories, tiny_ids, monkeypatch):
+    """Masked mode takes StreamingLLM's mask in closed form; running the policy step by step gives the same logits."""
+    from kvx.methods.streaming_llm import SinkRecentPolicy
+
+    model, tok = stories
+    ids = torch.tensor([tiny_ids[:100]])
+    eng = Engine(model, tok, make("streaming_llm", budget=20, sink=3))
+    fast, stats = eng.score_window(ids, mode="masked")
+    monkeypatch.delattr(SinkRecentPolicy, "closed_mask")
+    slow, stats_slow = eng.score_window(ids, mode="masked")
+    assert torch.equal(fast, slow)
+    assert stats["cache_bytes_peak"] == stats_slow["cache_bytes_peak"]

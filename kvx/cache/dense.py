@@ -183,21 +183,25 @@ class Store(ABC):
         return out
 
 
-def _attend(q, k, v, pos, qpos, scaling, return_probs, probs_fn, all_real: bool, n_stored: int):
+def _attend(q, k, v, pos, qpos, scaling, return_probs, probs_fn, all_real: bool, n_stored: int, sums_fn=None):
     """Attention of q [B, Hq, t, D] over k, v [B, Hkv, n, D] (stored + new; the new tokens are the last t slots),
-    through the Triton decode kernel where selected. all_real: no stored slot is padding."""
+    through the Triton decode kernel where selected. all_real: no stored slot is padding. With `sums_fn`, a decoding
+    step through the kernel hands over the attention summed over each KV head's query heads, [B, Hkv, n], which the
+    kernel computes beside the output (fused score accumulation), instead of the probabilities."""
     t = q.shape[2]
     plain = not return_probs and probs_fn is None
-    if t == 1 and plain:
-        if use_triton(q.device):
-            from kvx.kernels.decode import decode_attention
+    if t == 1 and (plain or (sums_fn is not None and not return_probs)) and use_triton(q.device):
+        from kvx.kernels.decode import decode_attention
 
-            out, _ = decode_attention(q[:, :, 0], k, v, None, scaling, kpos=pos, qpos=qpos[:, 0])
-            return out[:, :, None], None
-        if all_real:
-            # one query and no padding slot: stored tokens all precede it, so it may read every slot
-            # (attention without a mask is the same computation, without building one)
-            return reference.attention(q, k, v, None, None, scaling)
+        out, sums = decode_attention(q[:, :, 0], k, v, None, scaling, kpos=pos, qpos=qpos[:, 0],
+                                     return_scores=not plain)
+        if sums is not None:
+            sums_fn(sums)
+        return out[:, :, None], None
+    if t == 1 and plain and all_real:
+        # one query and no padding slot: stored tokens all precede it, so it may read every slot
+        # (attention without a mask is the same computation, without building one)
+        return reference.attention(q, k, v, None, None, scaling)
     if plain and n_stored == 0 and bool((qpos >= 0).all()):
         # a first chunk without padding: plain causal attention (no mask is built)
         return reference.attention(q, k, v, None, None, scaling, causal=True)
@@ -336,12 +340,13 @@ class DenseStore(TensorStore):
             setattr(self, name, f.view)
 
     # attention -----------------------------------------------------------------------------------------------------
-    def attend(self, q, k_new, v_new, pos_new, qpos, scaling, return_probs=False, probs_fn=None):
+    def attend(self, q, k_new, v_new, pos_new, qpos, scaling, return_probs=False, probs_fn=None, sums_fn=None):
         """Attention of the new queries over stored + new tokens. Returns out [B, Hq, t, D], probs or None.
 
         The new tokens are written into the buffers here (the `append` that follows only counts them), so the
         attention reads one contiguous view and nothing is concatenated. `probs_fn(probs_block [B, Hq, tb, n + t],
-        row0)` receives the probabilities block by block of queries when given (never [B, Hq, t, n + t] at once)."""
+        row0)` receives the probabilities block by block of queries when given (never [B, Hq, t, n + t] at once);
+        `sums_fn` (with it) takes the per-KV-head sums instead where the Triton decode kernel computes them."""
         self._sync()
         n, t = self.n, k_new.shape[2]
         pos32 = pos_new.to(torch.int32)
@@ -352,7 +357,8 @@ class DenseStore(TensorStore):
         self._staged = k_new
         k, v, pos = (self._f[x].buf.narrow(2, 0, n + t) for x in ("k", "v", "pos"))
         k = self.attention_keys(k, n)
-        return _attend(q, k, v, pos, qpos, scaling, return_probs, probs_fn, all_real=self._all_real, n_stored=n)
+        return _attend(q, k, v, pos, qpos, scaling, return_probs, probs_fn, all_real=self._all_real, n_stored=n,
+                       sums_fn=sums_fn)
 
     def attention_keys(self, k: torch.Tensor, n: int) -> torch.Tensor:
         """The keys attention reads, from k [B, Hkv, n + t, D] (n stored, then the new ones): k itself here; a store

@@ -66,7 +66,8 @@ class KVXLayer(CacheLayerMixin):
                 out, _ = store.attend(q, k_new, v_new, pos_new, qpos, scaling)
             elif store.probs_blocks and hasattr(policy, "probs_block"):
                 policy.begin_probs(store, qpos, Hkv)  # the attention pass hands the probabilities over block by block
-                out, _ = store.attend(q, k_new, v_new, pos_new, qpos, scaling, probs_fn=policy.probs_block)
+                out, _ = store.attend(q, k_new, v_new, pos_new, qpos, scaling, probs_fn=policy.probs_block,
+                                      sums_fn=getattr(policy, "sums_block", None))
             else:
                 out, probs = store.attend(q, k_new, v_new, pos_new, qpos, scaling, return_probs=True)
             cache.note_bytes(self.layer_idx, store, extra=cache.new_bytes(store, k_new))
@@ -93,8 +94,15 @@ class KVXLayer(CacheLayerMixin):
             allowed = reference.allowed_mask(pos, qpos)
             self.cache.masked_peak[self.layer_idx] = T
             return self.store.masked_attention(q, k, v, allowed, scaling, None)
-        istore = IndexStore(k, qpos, bytes_per_token=2 * D * k.element_size())
         padded = bool((qpos < 0).any())
+        closed = getattr(policy, "closed_mask", None)
+        allowed = None if closed is None or padded else closed(qpos)
+        if allowed is not None:  # the policy's mask has a closed form: no step-by-step run
+            self.cache.masked_peak[self.layer_idx] = min(T, policy.budget)
+            allowed = allowed.expand(B, Hkv, 1, T, T)
+            causal = reference.allowed_mask(qpos[:, None, :].expand(B, Hkv, T), qpos)
+            return self.store.masked_attention(q, k, v, allowed, scaling, causal & ~allowed)
+        istore = IndexStore(k, qpos, bytes_per_token=2 * D * k.element_size())
         logits = None
         if policy.needs_probs:
             logits = torch.matmul(q.view(B, Hkv, g, T, D), k[:, :, None].transpose(-1, -2)) * scaling

@@ -46,6 +46,11 @@ class HeavyRecentPolicy(AttentionPolicy):
             probs = probs * (qpos >= 0).float()[:, None, None, :, None]
         self.scores += probs.sum(dim=(2, 3))
 
+    def sums_block(self, sums: torch.Tensor) -> None:
+        """One decoding query's attention summed over the group, [B, Hkv, N] (from the fused decode kernel)."""
+        real = (self._qpos[:, -1] >= 0).float()[:, None, None]
+        self.scores += sums * real
+
     def priority(self, store, m: int) -> torch.Tensor:
         return slot_priority(self.scores, store.pos, forced=forced_recent(store.pos, m, self.recent))
 

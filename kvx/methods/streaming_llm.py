@@ -40,6 +40,17 @@ class SinkRecentPolicy(ScoredPolicy):
     def on_move(self, store, dst, src, m):
         pass
 
+    def closed_mask(self, qpos: torch.Tensor) -> torch.Tensor | None:
+        """Masked mode over tokens 0 .. T-1 (qpos [B, T]): query i reads j <= i with j < sink or
+        j > i - (budget - sink), exactly what the step-by-step policy keeps ([1, 1, 1, T, T]). None (run the policy
+        step by step) for other positions, or with in-cache positions (reindex has no mask form)."""
+        T, device = qpos.shape[1], qpos.device
+        if self.ordered or not bool((qpos == torch.arange(T, device=device)).all()):
+            return None
+        i = torch.arange(T, device=device)[:, None]
+        j = torch.arange(T, device=device)[None, :]
+        return ((j <= i) & ((j < self.sink) | (j > i - (self.budget - self.sink))))[None, None, None]
+
     def _order(self, store) -> torch.Tensor:
         # position, not a score: the most recent tokens win, the sinks (the first `sink` token indices) before all;
         # padding (-1) last

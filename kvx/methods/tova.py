@@ -30,9 +30,10 @@ class LastQueryPolicy(AttentionPolicy):
 
     `keep_newest`: the newest token is never dropped (as in kvpress); without it, it competes on its score."""
 
-    def __init__(self, budget: int, keep_newest: bool = False):
+    def __init__(self, budget: int, keep_newest: bool = False, group: int = 1):
         super().__init__(budget)
         self.keep_newest = keep_newest
+        self._group = group  # query heads per KV head
 
     def begin(self, store, t: int) -> None:
         # the last real query of each row (left padding: the last query of a chunk is real unless the whole chunk
@@ -51,6 +52,14 @@ class LastQueryPolicy(AttentionPolicy):
         rel = rel.clamp(0, tb - 1)
         row = probs.gather(3, rel.view(B, 1, 1, 1, 1).expand(B, Hkv, g, 1, N)).mean(dim=(1, 2, 3))  # [B, N]
         self.scores.copy_(torch.where(inside[:, None, None], row[:, None, :].expand(B, Hkv, N), self.scores))
+
+    def sums_block(self, sums: torch.Tensor) -> None:
+        """One decoding query's attention summed over each group, [B, Hkv, N] (from the fused decode kernel): the
+        mean over all query heads is their sum over the KV heads / Hq."""
+        B, Hkv, N = sums.shape
+        row = sums.sum(dim=1) / (Hkv * self._group)  # [B, N]
+        real = self._qpos[:, -1] >= 0
+        self.scores.copy_(torch.where(real[:, None, None], row[:, None, :].expand(B, Hkv, N), self.scores))
 
     def priority(self, store, m: int) -> torch.Tensor:
         B, Hkv = store.pos.shape[:2]
@@ -74,4 +83,4 @@ class TOVA(EvictionMethod):
             raise ConfigError("method.keep_newest", f"must be true or false, got {self.keep_newest!r}")
 
     def build_policy(self, layer_idx: int, budget: int, reserved: int, arch: ArchInfo) -> LastQueryPolicy:
-        return LastQueryPolicy(budget, self.keep_newest)
+        return LastQueryPolicy(budget, self.keep_newest, arch.group)

@@ -325,3 +325,18 @@ def test_disk_full_is_one_line_naming_the_results_folder(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match=f"results_dir: no space left on the device of {tmp_path}"):
         run(_cfg(tmp_path))
     assert list(tmp_path.iterdir()) == []
+
+
+def test_clean_rehash_moves_folders_to_their_current_hash(tmp_path):
+    from omegaconf import OmegaConf
+
+    from kvx.clean import main
+
+    cfg = _cfg(tmp_path, "method=streaming_llm", "method.budget=32")
+    right = plan(cfg).run_dir
+    wrong = right.with_name("0123456789")
+    _fake_result(wrong)
+    (wrong / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+    assert main([str(tmp_path), "--rehash", "--dry-run"]) == 0 and wrong.is_dir()
+    assert main([str(tmp_path), "--rehash"]) == 0
+    assert not wrong.exists() and (right / "metrics.json").is_file()

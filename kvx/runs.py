@@ -243,7 +243,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--csv", type=Path, help="also write the table to this CSV file")
     ap.add_argument("--plot", type=Path, help="write METRIC against the measured cache bytes to this PNG")
     ap.add_argument("--by", default="method", help="--plot: one line per value of this key (default: method)")
-    a = ap.parse_args(argv)
+    a = ap.parse_intermixed_args(argv)
     folder, filters = default_dir(), list(a.args)
     if filters and "=" not in filters[0]:
         folder = Path(filters.pop(0))

@@ -100,8 +100,8 @@ def test_cli_table_csv_plot_and_bad_keys(tmp_path, capsys):
     from kvx.runs import main
 
     csv, png = tmp_path / "t.csv", tmp_path / "p.png"
-    rc = main([str(RESULTS), "task=tinystories", "task.max_tokens=20000", "task.mode=masked", "method=h2o,full",
-               "--compare", "method", "method.budget", "--metric", "ppl", "--csv", str(csv), "--plot", str(png)])
+    rc = main([str(RESULTS), "task=tinystories", "--compare", "method", "method.budget", "task.max_tokens=20000",
+               "task.mode=masked", "method=h2o,full", "--metric", "ppl", "--csv", str(csv), "--plot", str(png)])
     assert rc == 0
     back = pd.read_csv(csv, index_col=0)
     ppl = {(m["method"], c["method"].get("budget")): m["ppl"] for _, m, c in _committed()

@@ -121,17 +121,38 @@ class SlotBuffer:
         self.buf, self.n = None, 0
         self.append(x)
 
+    def _flat(self, idx: torch.Tensor) -> torch.Tensor | None:
+        """Row indices into the buffer seen as [B * H * capacity, ...] for slots idx [B, H, m] (slot dimension 2 of a
+        contiguous buffer; None otherwise): whole rows are copied, faster than an element-wise gather."""
+        b = self.buf
+        if self.dim != 2 or not b.is_contiguous():
+            return None
+        B, H, cap = b.shape[:3]
+        base = torch.arange(0, B * H * cap, cap, device=idx.device).view(B, H, 1)
+        return (idx + base).reshape(-1)
+
     def keep(self, idx: torch.Tensor) -> None:
         """Keep slots idx [B, H, m], in that order."""
-        kept = self.view.gather(self.dim, expand_index(idx, self.view, self.dim))
-        self.buf.narrow(self.dim, 0, idx.shape[-1]).copy_(kept)
-        self._set_n(idx.shape[-1])
+        m = idx.shape[-1]
+        rows = self._flat(idx)
+        if rows is not None:
+            b = self.buf
+            kept = b.view(-1, *b.shape[3:]).index_select(0, rows).view(*b.shape[:2], m, *b.shape[3:])
+        else:
+            kept = self.view.gather(self.dim, expand_index(idx, self.view, self.dim))
+        self.buf.narrow(self.dim, 0, m).copy_(kept)
+        self._set_n(m)
         self.settle()
 
     def move(self, dst: torch.Tensor, src: torch.Tensor, m: int) -> None:
         """Apply slot moves (from `swap_moves`) and keep the first m slots."""
-        b = self.view
-        b.scatter_(self.dim, expand_index(dst, b, self.dim), b.gather(self.dim, expand_index(src, b, self.dim)))
+        rows_dst = self._flat(dst)
+        if rows_dst is not None:
+            flat = self.buf.view(-1, *self.buf.shape[3:])
+            flat.index_copy_(0, rows_dst, flat.index_select(0, self._flat(src)))
+        else:
+            b = self.view
+            b.scatter_(self.dim, expand_index(dst, b, self.dim), b.gather(self.dim, expand_index(src, b, self.dim)))
         self._set_n(m)
         self.settle()
 

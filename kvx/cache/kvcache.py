@@ -105,7 +105,7 @@ class KVXLayer(CacheLayerMixin):
         istore = IndexStore(k, qpos, bytes_per_token=2 * D * k.element_size())
         logits = None
         if policy.needs_probs:
-            logits = torch.matmul(q.view(B, Hkv, g, T, D), k[:, :, None].transpose(-1, -2)) * scaling
+            logits = reference.group_logits(q, k, scaling)
             logits = cap_logits(logits, getattr(self.store, "softcap", None)).float()
         width = min(T, getattr(policy, "budget", T)) + 1
         steps = torch.empty(B, Hkv, T, width, dtype=torch.long, device=q.device)

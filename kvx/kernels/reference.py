@@ -81,16 +81,25 @@ def _attention_block(q, k, v, kpos, qpos, scaling, want, allowed, probs_fn, r0, 
         mask = None if allowed is None else allowed.expand(B, Hkv, g, t, n).reshape(B, Hq, t, n)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling, enable_gqa=g > 1)
         return out, None
-    qg = q.view(B, Hkv, g, t, D)
-    logits = torch.matmul(qg, k[:, :, None].transpose(-1, -2)) * scaling  # [B, Hkv, g, t, n]
+    logits = group_logits(q, k, scaling)  # [B, Hkv, g, t, n]
     if allowed is not None:
         logits = logits.masked_fill(~allowed, float("-inf"))
     probs = torch.softmax(logits.float(), dim=-1).to(q.dtype)
-    out = torch.matmul(probs, v[:, :, None])  # [B, Hkv, g, t, D]
+    out = torch.matmul(probs.view(B, Hkv, g * t, n), v)  # [B, Hkv, g * t, D]
     probs = probs.reshape(B, Hq, t, n)
     if probs_fn is not None:
         probs_fn(probs, r0)
     return out.reshape(B, Hq, t, D), probs if return_probs else None
+
+
+def group_logits(q: torch.Tensor, k: torch.Tensor, scaling: float) -> torch.Tensor:
+    """scaling * q·k per KV head, [B, Hkv, g, t, n], from q [B, Hq, t, D] and k [B, Hkv, n, D]: the g query heads of a
+    group are stacked into one matrix product with their KV head (no broadcast copy of k)."""
+    B, Hq, t, D = q.shape
+    Hkv, n = k.shape[1], k.shape[2]
+    g = Hq // Hkv
+    qg = q.reshape(B, Hkv, g * t, D)
+    return (torch.matmul(qg, k.transpose(-1, -2)) * scaling).view(B, Hkv, g, t, n)
 
 
 def group_sum(probs: torch.Tensor, n_kv_heads: int) -> torch.Tensor:

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from kvx.errors import ConfigError
+from kvx.kernels.reference import group_logits
 from kvx.methods.base import ArchInfo
 from kvx.methods.common import BudgetPolicy, EvictionMethod, forced_recent, readable, slot_priority
 from kvx.registry import METHODS
@@ -83,9 +84,7 @@ class ObservationWindowPolicy(BudgetPolicy):
         """[B, Hkv, n]: attention of the window queries to each cached slot, summed over queries and the group."""
         k = store.keys()  # [B, Hkv, n, D]
         B, Hkv, n, D = k.shape
-        Hq, w = self.q.shape[1], self.q.shape[2]
-        qg = self.q.view(B, Hkv, Hq // Hkv, w, D)
-        logits = torch.matmul(qg.float(), k.float()[:, :, None].transpose(-1, -2)) * self.scaling  # [B, Hkv, g, w, n]
+        logits = group_logits(self.q.float(), k.float(), self.scaling)  # [B, Hkv, g, w, n]
         ok = readable(store.pos, self.qpos)[:, :, None]  # [B, Hkv, 1, w, n]
         logits = logits.masked_fill(~ok, float("-inf"))
         probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)  # a padding query reads nothing

@@ -101,6 +101,9 @@ def scratch(tmp_path_factory):
     return root
 
 
+DONE: set[int] = set()  # commands already run into this module's scratch folder
+
+
 def _env(scratch: Path) -> dict:
     return dict(os.environ, KVX_RESULTS_DIR=str(scratch / "out"), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
                 WANDB_SILENT="true", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
@@ -204,6 +207,18 @@ def test_readme_has_the_first_steps():
     assert shell.index(sweep) < next(i for i, c in enumerate(shell) if c.startswith("kvx-runs --compare"))
 
 
+def _makes_runs(kind: str, cmd: str, comment: str) -> bool:
+    return kind == "shell" and cmd.startswith(("python run.py", "make run")) and "GPU" not in comment \
+        and "experiment=" not in cmd
+
+
 @pytest.mark.parametrize("kind, cmd, comment", list(_params()))
 def test_readme_command_runs(kind, cmd, comment, scratch):
+    i = COMMANDS.index((kind, cmd, comment))
+    if kind == "shell" and cmd.startswith(("kvx-runs", "python -m kvx.runs")):
+        for j, earlier in enumerate(COMMANDS[:i]):  # the runs it lists, when selected alone (-k)
+            if j not in DONE and _makes_runs(*earlier):
+                run_command(*earlier, scratch)
+                DONE.add(j)
     run_command(kind, cmd, comment, scratch)
+    DONE.add(i)

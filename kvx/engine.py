@@ -150,7 +150,7 @@ class Engine:
                 "task.mode", f"method {self.method.name!r} has no mask form; use task.mode=stream"
             )
         cache = KVXCache(self.method, self.arch, batch_size, self.device, seq_len=seq_len, mode=mode)
-        cache.rope_offset = torch.zeros(batch_size, dtype=torch.long, device=self.device)
+        cache.rope_offset = cache.rope_zero = torch.zeros(batch_size, dtype=torch.long, device=self.device)
         cache.last_logits = None
         return cache
 
@@ -197,7 +197,8 @@ class Engine:
             )
         cache.step_pos = pos
         cache.step_rope = rope
-        cache.rope_shifted = bool(cache.rope_offset.any())
+        zero = getattr(cache, "rope_zero", None)  # the offset the cache was built with: none was set since (no sync)
+        cache.rope_shifted = bool(cache.rope_offset.any()) if zero is None else cache.rope_offset is not zero
         with self._active(cache):
             out = self.model(input_ids=input_ids, position_ids=rope, cache=cache, use_cache=True)
         logits = out.logits.float()

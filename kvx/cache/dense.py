@@ -122,10 +122,10 @@ class SlotBuffer:
         self.append(x)
 
     def _flat(self, idx: torch.Tensor) -> torch.Tensor | None:
-        """Row indices into the buffer seen as [B * H * capacity, ...] for slots idx [B, H, m] (slot dimension 2 of a
-        contiguous buffer; None otherwise): whole rows are copied, faster than an element-wise gather."""
+        """Row indices into the buffer seen as [B * H * capacity, D] for slots idx [B, H, m] (slot dimension 2 of a
+        contiguous [B, H, capacity, D] buffer; None otherwise): whole rows are copied, faster than a gather."""
         b = self.buf
-        if self.dim != 2 or not b.is_contiguous():
+        if self.dim != 2 or b.dim() < 4 or not b.is_contiguous():  # rows of one element: gather is as good
             return None
         B, H, cap = b.shape[:3]
         base = torch.arange(0, B * H * cap, cap, device=idx.device).view(B, H, 1)

@@ -8,8 +8,9 @@ How each is run (the limits are appended only where the command sets none, so a 
   committed results/); with no `task.max_tokens`/`task.limit`, a perplexity task gets `task.max_tokens=512` and any
   other task `task.limit=2`. A command whose comment says GPU (the paper's model from the hub) is composed and its
   model, method and task validated instead.
-- `kvx-runs ...` (or `python -m kvx.runs ...`) is `python -m kvx.runs ...` with `$KVX_RESULTS_DIR` at the scratch folder (so it lists the runs the
-  commands above made), in a scratch working folder where `results` is the repository's results/.
+- `kvx-runs ...` and `python -m kvx.<module> ...` run as `python -m kvx.<module> ...` with `$KVX_RESULTS_DIR` at the
+  scratch folder (so they see the runs the commands above made), in a scratch working folder where `outputs` is that
+  folder and `results` is the repository's results/.
 - `kvx-lm-eval ...` is `python -m kvx.tasks.harness_cli ...` (`--limit 2` appended if absent), offline.
 - `make run` runs with this interpreter's environment (`VENV`, its set-up stamp taken as done) and the same limits
   through `ARGS`; `make lint` runs; the other targets are expanded with `make -n` (their own tests run them:
@@ -98,6 +99,8 @@ def scratch(tmp_path_factory):
     root = tmp_path_factory.mktemp("readme")
     (root / "cwd").mkdir()
     (root / "cwd" / "results").symlink_to(REPO / "results")
+    (root / "out").mkdir()
+    (root / "cwd" / "outputs").symlink_to(root / "out")
     return root
 
 
@@ -176,9 +179,9 @@ def run_command(kind: str, cmd: str, comment: str, scratch: Path) -> None:
         if not any(a.startswith("results_dir=") for a in args):
             args += [f"results_dir={scratch / 'out'}"]
         _run([sys.executable, "run.py", *args, "progress=false", *_limits(args)], scratch)
-    elif argv[0] == "kvx-runs" or argv[:3] == ["python", "-m", "kvx.runs"]:
-        argv = ["kvx-runs", *argv[3:]] if argv[0] == "python" else argv
-        _run([sys.executable, "-m", "kvx.runs", *argv[1:]], scratch, cwd=scratch / "cwd")
+    elif argv[0] == "kvx-runs" or argv[:2] == ["python", "-m"] and argv[2].startswith("kvx."):
+        module, args = ("kvx.runs", argv[1:]) if argv[0] == "kvx-runs" else (argv[2], argv[3:])
+        _run([sys.executable, "-m", module, *args], scratch, cwd=scratch / "cwd")
         for flag in ("--csv", "--plot"):
             if flag in argv:
                 assert (scratch / "cwd" / argv[argv.index(flag) + 1]).is_file(), f"{cmd}: no {flag} file"
@@ -215,7 +218,7 @@ def _makes_runs(kind: str, cmd: str, comment: str) -> bool:
 @pytest.mark.parametrize("kind, cmd, comment", list(_params()))
 def test_readme_command_runs(kind, cmd, comment, scratch):
     i = COMMANDS.index((kind, cmd, comment))
-    if kind == "shell" and cmd.startswith(("kvx-runs", "python -m kvx.runs")):
+    if kind == "shell" and cmd.startswith(("kvx-runs", "python -m kvx.")):
         for j, earlier in enumerate(COMMANDS[:i]):  # the runs it lists, when selected alone (-k)
             if j not in DONE and _makes_runs(*earlier):
                 run_command(*earlier, scratch)

@@ -35,8 +35,9 @@ README = REPO / "README.md"
 SHELL_FENCES = ("", "bash", "sh", "shell", "console")
 PREFIXES = ("python ", "kvx-", "make ")
 DRY_MAKE = {"setup", "test", "test-slow", "bench", "tables", "notebook", "clean"}
-# make test-slow: grids of several runs, and the simple_evaluate example (tests/test_lm_eval_offline.py checks it)
-SLOW = ("experiment=", "simple_evaluate")
+# make test-slow: grids of several runs; lm-eval through Python and through run.py (the default suite checks them in
+# tests/test_lm_eval_offline.py and tests/test_harness.py)
+SLOW = ("experiment=", "simple_evaluate", "task=hellaswag")
 
 
 def _strip_comment(line: str) -> tuple[str, str]:

@@ -438,7 +438,7 @@ def eviction_table(p: Plan, figures: Path) -> Section:
 def compression(run: Run, full: Run | None) -> float | None:
     """The paper's ratio (16 bits / average bits held) when the run reports it, else full bytes / run bytes."""
     m = run.metrics
-    for key in ("compression_ratio", "compression"):
+    for key in ("compression_bits", "compression_ratio", "compression"):
         if isinstance(m.get(key), (int, float)):
             return float(m[key])
     if full is not None and m.get("cache_bytes_peak"):

@@ -19,7 +19,7 @@ def test_optuna_qaq_maximises_the_constrained_objective(tmp_path):
 
     def objective(m):  # independent of kvx/objective.py: the formula of the sweep file
         drop = (full["acc"] - m["acc"]) / full["acc"]  # relative, as QAQ reports its <1% drop
-        return m["compression_ratio"] - 1000.0 * max(0.0, drop - 0.01)
+        return m["compression_bits"] - 1000.0 * max(0.0, drop - 0.01)
 
     assert abs(best["best_value"] - max(objective(m) for m in trials)) < 1e-9
     assert set(best["best_params"]) == {"method.key_error", "method.value_error"}

@@ -81,7 +81,9 @@ SIXTEEN = [
     {"name": "uniform", "bits": 16, "key_axis": "channel", "value_axis": "channel", "group_size": 4, "residual": 3},
     {"name": "kivi", "bits": 16, "group_size": 8, "residual": 4},
     {"name": "qaq", "min_bits": 16, "max_bits": 16},
-    {"name": "qaq", "min_bits": 2, "max_bits": 16, "key_error": 1e-12, "value_error": 1e-12, "granularity": "head"},
+    # bits chosen once, when a token is quantized (with requant, a token whose weights fall to ~1e-8 gets fewer)
+    {"name": "qaq", "min_bits": 2, "max_bits": 16, "key_error": 1e-12, "value_error": 1e-12, "granularity": "head",
+     "requant": False},
 ]
 
 
@@ -215,56 +217,116 @@ def test_outliers_restored_exactly_and_excluded_from_range():
     g = torch.Generator().manual_seed(2)
     x = torch.randn(1, 2, 12, 8, generator=g)
     x[0, 0, 3, 5] = 40.0  # a large outlier
-    spec = QuantSpec(3, "token", 4, 0.25)  # groups of 4 channels; ceil(0.125 * 4) = 1 outlier at each end
+    spec = QuantSpec(3, "token", 4, 0.25)  # groups of 4 channels: 0.25 * 4 = exactly one outlier per group
     st = QuantizedStore(spec, spec, residual=0)
     st.append(x, x.clone(), torch.arange(12, dtype=torch.int32).expand(1, 2, 12))
     st.flush()
     xh = st.kq.dequant()
     grp = x.view(1, 2, 12, 2, 4)
     srt = grp.sort(-1).values
-    lo_i, hi_i = grp.argmin(-1), grp.argmax(-1)
-    for idx in (lo_i, hi_i):  # the smallest and largest of each group: exact
-        got = xh.view(1, 2, 12, 2, 4).gather(-1, idx[..., None])
-        assert torch.equal(got, grp.gather(-1, idx[..., None]))
-    # the rest lies within half a cell of the range without the outliers (second smallest .. second largest)
+    # the one kept exact: the smallest when dropping it leaves a strictly smaller range, else the largest
+    drop_min = (srt[..., 3] - srt[..., 1]) < (srt[..., 2] - srt[..., 0])
+    idx = torch.where(drop_min, grp.argmin(-1), grp.argmax(-1))
+    got = xh.view(1, 2, 12, 2, 4).gather(-1, idx[..., None])
+    assert torch.equal(got, grp.gather(-1, idx[..., None]))
+    assert int(st.kq.ocnt.long().sum()) == 2 * 12 * 2  # one per group, no more
+    # the rest lies within half a cell of the range left
+    lo = torch.where(drop_min, srt[..., 1], srt[..., 0])
+    hi = torch.where(drop_min, srt[..., 3], srt[..., 2])
     slack = grp.abs().amax(-1) * 2.0**-10  # the zero point is rounded down to float16
-    cell = (srt[..., 2] - srt[..., 1] + slack) / 8 * (1 + 2.0**-10)
+    cell = (hi - lo + slack) / 8 * (1 + 2.0**-10)
     err = (xh - x).abs().view(1, 2, 12, 2, 4)
     assert (err <= cell[..., None] / 2 + 1e-6).all()
     assert xh[0, 0, 3, 5] == 40.0
 
 
+@pytest.mark.parametrize("spec,heads_unit", [(QuantSpec(2, "token", 0, 0.01), False),
+                                             (QuantSpec(2, "token", 4, 0.03), False),
+                                             (QuantSpec(2, "channel", 4, 0.01), False),
+                                             (QuantSpec(8, "token", 0, 0.01), True)])
+def test_outlier_fraction_holds_for_the_whole_cache(spec, heads_unit):
+    """1% of the elements held, not 1% rounded up per unit (ceil(0.005 * 8) = 1 at each end would keep 25%):
+    over N elements, floor(a N) within one unit's share; flushed a few tokens at a time as in decoding."""
+    B, H, T, D = 1, 2, 400, 8
+    q, k, v = qkv(B=B, Hq=2, H=H, T=T, D=D, seed=3)
+    qaq = QAQConfig(min_bits=4, max_bits=4, granularity="layer" if heads_unit else "head", requant=False)
+    st = QuantizedStore(spec, spec, residual=0, qaq=qaq if heads_unit else None)
+    pos = torch.arange(T, dtype=torch.int32).expand(B, H, T)
+    for a in range(0, T, 40):  # 10 flushes of 40 tokens
+        st.append(k[:, :, a : a + 40], v[:, :, a : a + 40], pos[:, :, a : a + 40])
+        if heads_unit:
+            st.plan()
+        st.flush()
+    assert st.nq == T
+    n_el = B * H * T * D
+    unit = D * H if heads_unit else (spec.group if spec.axis == "channel" else spec.channels_per_group(D))
+    for pt in (st.kq, st.vq):
+        held = int(pt.ocnt.long().sum())
+        assert abs(held - spec.outliers * n_el) <= max(1, spec.outliers * unit) * (H if not heads_unit else 1)
+    # outliers are exact: compare the dequantized cache with the input at the outlier columns
+    rows = st.vq.rows()
+    r = torch.nonzero(rows.ocnt.reshape(-1) > 0).flatten()
+    first = rows.ostart[r].long()
+    cols = rows.ocol[first].long()
+    assert torch.equal(st.vq.dequant().reshape(-1, D)[r, cols], v.reshape(-1, D)[r, cols])
+
+
 # 5. measured bytes match the bit accounting --------------------------------------------------------------------------
 def test_measured_bytes_match_accounting():
+    """Fixed width (uniform): codes in a dense [B, H, n, 3] array, no per-row width or offset; outliers with their
+    value (fp32 here), uint8 column, and per-row start (int32) and count (uint8)."""
     B, H, D = 2, 3, 8
-    spec = QuantSpec(3, "token", 4, 0.25)  # 2 groups per row, 1 + 1 outliers per group -> 4 per row
+    spec = QuantSpec(3, "token", 4, 0.25)  # 2 groups per row, 0.25 * 4 = 1 outlier per group -> 2 per row
     st = QuantizedStore(spec, spec, residual=2)
     g = torch.Generator().manual_seed(0)
     k, v = torch.randn(B, H, 10, D, generator=g), torch.randn(B, H, 10, D, generator=g)
     st.append(k, v, torch.arange(10, dtype=torch.int32).expand(B, H, 10))
     st.flush()
     rows = B * H * 8  # 8 quantized tokens, 2 in the residual
-    per_tensor = rows * 3 + rows * 1 + rows * 2 * 2 * 2 + rows * 4 * (2 + 4)  # codes, bits, zero+delta, outliers
+    per_row = 3 + (4 + 1) + 2 * 2 * 2 + 2 * (4 + 1)  # codes, outlier start + count, zero+delta, outliers + columns
     residual = 2 * B * H * 2 * D * 4
-    assert st.nbytes() == 2 * per_tensor + residual
-    assert st.aux_nbytes() == 2 * rows * (4 + 4 + 2) + 2 * B * H * 10 * 4  # off, ostart, ocnt; pos, rpos
+    assert st.nbytes() == 2 * rows * per_row + residual
+    assert st.aux_nbytes() == 2 * B * H * 10 * 4  # pos, rpos
     acct = st.bit_accounting()
-    bits_row = (D - 4) * 3 + 16 * 4 + 32 * 2  # codes, outliers at 16 bits, 16-bit zero and scale per group
+    bits_row = (D - 2) * 3 + (16 + 8) * 2 + 32 * 2  # codes, outliers at 16 bits + index, 16-bit zero and scale
     assert acct["elements"] == 2 * (rows + B * H * 2) * D
     assert acct["bits"] == 2 * rows * bits_row + 16 * 2 * B * H * 2 * D
+    assert acct["addressing_bytes"] == 2 * rows * 5
 
 
 def test_measured_bytes_channel_groups():
+    """KIVI's layout: keys per channel over blocks of 4 tokens, values per token; fixed width, no addressing."""
     st = QuantizedStore(QuantSpec(2, "channel", 4), QuantSpec(2, "token", 4), residual=0)
     g = torch.Generator().manual_seed(1)
     k, v = torch.randn(1, 2, 8, 8, generator=g), torch.randn(1, 2, 8, 8, generator=g)
     st.append(k, v, torch.arange(8, dtype=torch.int32).expand(1, 2, 8))
     st.flush()
-    keys = 2 * 2 * 8 * 2 * 2 + 16 * 2 + 16  # 2 blocks x 2 heads x 8 channels x (zero, delta) fp16; codes; bits
-    vals = 16 * 2 * 2 * 2 + 16 * 2 + 16  # 16 rows x 2 groups x (zero, delta); codes; bits
+    keys = 2 * 2 * 8 * 2 * 2 + 16 * 2  # 2 blocks x 2 heads x 8 channels x (zero, delta) fp16; codes
+    vals = 16 * 2 * 2 * 2 + 16 * 2  # 16 rows x 2 groups x (zero, delta); codes
     assert st.nbytes() == keys + vals
     acct = st.bit_accounting()
     assert acct["bits"] == 16 * 8 * 2 + 2 * 2 * 8 * 32 + 16 * 8 * 2 + 16 * 2 * 32
+    assert acct["addressing_bytes"] == 0
+
+
+def test_measured_bytes_qaq_layer_metadata():
+    """QAQ at layer granularity: per-row width (uint8) and offset (int32); one zero and scale per token for all
+    KV heads (the authors' layer-level metadata), not one per head."""
+    B, H, T, D = 1, 4, 12, 8
+    q, k, v = qkv(B=B, Hq=4, H=H, T=T, D=D, seed=5)
+    cfg = QAQConfig(key_error=0.3, value_error=0.3, min_bits=1, max_bits=8, granularity="layer", requant=False)
+    st = QuantizedStore(QuantSpec(8, "token", 0, 0.0), QuantSpec(8, "token", 0, 0.0), residual=0, qaq=cfg)
+    run_stream(st, QuantPolicy(), q, k, v)
+    st.flush()
+    assert st.kq.zero.shape == (B, 1, st.nq, 1)
+    for pt, x in ((st.kq, k), (st.vq, v)):
+        codes = int(((pt.bits.long() * D + 7) // 8).sum())
+        assert pt.nbytes() == codes + B * H * st.nq * (4 + 1) + B * st.nq * 2 * 2
+        # the token's cells span all its heads: every element within half a cell of that range
+        xs = x[:, :, : st.nq]
+        rng = xs.amax((1, 3)) - xs.amin((1, 3))  # [B, nq]
+        cell = rng[:, None] / 2.0 ** pt.bits.float()
+        assert ((pt.dequant() - xs).abs() <= cell[..., None] / 2 * 1.002 + 1e-4).all()
 
 
 def test_compression_ratio_from_the_cache(stories, tiny_ids):
@@ -403,21 +465,27 @@ def test_keep_rebalances_per_head():
 
 
 # 8. re-quantization when importance rises ----------------------------------------------------------------------------
-def test_requant_when_importance_rises():
+def requant_store(seed, probs):
+    """A QAQ store (head granularity, n = 1, residual 0, requant) holding 4 tokens that drew `probs` [4, 4]."""
     cfg = QAQConfig(key_error=10.0, value_error=0.05, min_bits=1, max_bits=8, attn_window=1, granularity="head",
                     query_quantile=1.0, requant=True)
     spec = QuantSpec(8, "token", 0, 0.0)
     st = QuantizedStore(spec, spec, residual=0, qaq=cfg)
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator().manual_seed(seed)
     v = torch.randn(1, 1, 4, 8, generator=g)
     k = torch.randn(1, 1, 4, 8, generator=g)
     q = torch.ones(1, 1, 4, 8)
     pos = torch.arange(4, dtype=torch.int32).view(1, 1, 4)
-    low = torch.tensor([[1.0, 0, 0, 0], [0.99, 0.01, 0, 0], [0.98, 0.01, 0.01, 0], [0.97, 0.01, 0.01, 0.01]])
-    st.qaq.observe(q, low[None, None], 1.0, pos[:, 0].long(), 1)
+    st.qaq.observe(q, torch.tensor(probs)[None, None], 1.0, pos[:, 0].long(), 1)
     st.append(k, v, pos)
     st.plan()
     st.flush()
+    return st, q, k, v, pos
+
+
+def test_requant_when_importance_rises():
+    low = [[1.0, 0, 0, 0], [0.99, 0.01, 0, 0], [0.98, 0.01, 0.01, 0], [0.97, 0.01, 0.01, 0.01]]
+    st, q, k, v, pos = requant_store(0, low)
     b0 = st.vq.bits[0, 0, 1].item()
     err0 = (st.vq.dequant()[0, 0, 1] - v[0, 0, 1]).abs().max()
     # token 1 now receives most of the attention: its value needs more bits, re-quantized from the CPU copy
@@ -432,6 +500,37 @@ def test_requant_when_importance_rises():
     assert st.fp_v.device.type == "cpu" and torch.equal(st.fp_v[0, 0, :4], v[0, 0])
     assert st.offload_nbytes() == 2 * 5 * 8 * 4  # counted apart from the payload
     assert st.nbytes() == st.kq.nbytes() + st.vq.nbytes()  # (the residual is empty)
+
+
+def test_requant_when_importance_falls():
+    """QAQ section 4.2 in the other direction: a token that drew most of the attention and then draws almost none
+    is re-quantized, from the full-precision copy, at the fewer bits the value bound now asks for."""
+    high = [[1.0, 0, 0, 0], [0.1, 0.9, 0, 0], [0.05, 0.9, 0.05, 0], [0.05, 0.9, 0.025, 0.025]]
+    st, q, k, v, pos = requant_store(1, high)
+    spec = st.vspec
+    b_high = int(st.vq.bits[0, 0, 1])
+    for step in range(2):  # the next queries look at token 0: token 1's weight falls to 0.001
+        n = st.n
+        p = torch.full((1, 1, 1, n + 1), 0.001)
+        p[..., 0] = 1.0 - 0.001 * n
+        st.qaq.observe(q[:, :, :1], p, 1.0, torch.tensor([[4 + step]]), 1)
+        st.append(k[:, :, :1], v[:, :, :1], torch.full((1, 1, 1), 4 + step, dtype=torch.int32))
+        st.plan()
+        st.flush()
+    b_low = int(st.vq.bits[0, 0, 1])
+    T, S = 6, 0.001
+    rng = float(v[0, 0, 1].max() - v[0, 0, 1].min())
+    want = min(8, max(1, math.ceil(math.log2(rng / (2 * SQ3 * 0.05 / (math.sqrt(T) * S))))))
+    assert b_low == want < b_high
+    # the codes are those of the full-precision row at the new width (not a re-rounding of the old codes)
+    ref = QuantizedStore(spec, spec, residual=0, qaq=QAQConfig(min_bits=want, max_bits=want, granularity="head",
+                                                                requant=False))
+    ref.append(k[:, :, 1:2], v[:, :, 1:2], pos[:, :, 1:2])
+    ref.plan()
+    ref.flush()
+    assert torch.equal(st.vq.dequant()[0, 0, 1], ref.vq.dequant()[0, 0, 0])
+    # no dead bytes: the codes held are exactly the live rows' codes
+    assert st.vq.buf.numel() == int(((st.vq.bits.long() * 8 + 7) // 8).sum())
 
 
 # 9. the Triton path of the store (interpreted) against the reference path -------------------------------------------
@@ -473,3 +572,86 @@ def test_config_errors_name_the_field(cfg, field):
 def test_arch_errors(stories):
     with pytest.raises(ConfigError, match="method.group_size"):
         engine_for(stories, {"name": "uniform", "bits": 4, "group_size": 3})
+
+
+# 11. the official bit rule, the residual window against the budget, compression of every method -------------------
+def test_official_bit_rule_against_the_formula():
+    """bit_rule official (the authors' code): e_V = sqrt(value_error) / T / |S|, e_K = sqrt(key_error / D) / T /
+    (max_q_value * J) with J_t = max_j |d_tj S_t - S_t S_j|; B = ceil(log2(range / (2 e) + 1))."""
+    cfg = QAQConfig(key_error=0.5, value_error=0.04, min_bits=0, max_bits=8, attn_window=2, granularity="head",
+                    requant=False, bit_rule="official", max_q_value=3.0)
+    spec = QuantSpec(8, "token", 0, 0.0)
+    st = QuantizedStore(spec, spec, residual=0, qaq=cfg)
+    k = torch.tensor([[0.0, 4.0, 1.0, 2.0], [1.0, 1.5, 1.2, 1.1], [-4.0, 4.0, 0.0, 1.0]])[None, None]
+    v = torch.tensor([[0.0, 1.0, 2.0, 3.0], [0.0, 2.0, 1.0, 0.5], [0.3, 1.5, 0.9, 1.0]])[None, None]
+    q = torch.ones(1, 1, 3, 4)
+    probs = torch.tensor([[1, 0, 0], [0.5, 0.5, 0], [0.2, 0.3, 0.5]])[None, None]
+    pos = torch.arange(3, dtype=torch.int32).view(1, 1, 3)
+    st.qaq.observe(q, probs, 1.0, pos[:, 0].long(), n_kv=1)
+    st.append(k, v, pos)
+    st.plan()
+    S = [0.5, 0.5, 0.5]  # max of the last 2 rows: [max(.5, .2), max(.5, .3), max(0, .5)]
+    T, D = 3, 4
+    for which, x, err in (("v", v, lambda t: math.sqrt(0.04) / T / S[t]),
+                          ("k", k, lambda t: math.sqrt(0.5 / D) / T / (3.0 * max(S[t] - S[t] ** 2,
+                                                                               S[t] * max(S[:t] + S[t + 1:]))))):
+        rng = (x[0, 0].amax(-1) - x[0, 0].amin(-1)).tolist()
+        want = [min(8, max(0, math.ceil(math.log2(rng[t] / (2 * err(t)) + 1)))) for t in range(3)]
+        assert getattr(st.qaq, "req_" + which)[0, 0].tolist() == want
+    paper = QAQConfig(key_error=0.5, value_error=0.04, min_bits=0, max_bits=8, attn_window=2, granularity="head",
+                      requant=False)
+    assert paper.bit_rule == "paper" and QAQConfig().query_quantile == 0.9  # the paper's quantile by default
+
+
+def test_residual_window_against_the_eviction_budget():
+    """kivi over {h2o, budget: 64} with the default residual 128 would never quantize a token: refused."""
+    with pytest.raises(ConfigError) as ei:
+        build_method({"name": "kivi", "evict": {"name": "h2o", "budget": 64}})
+    assert ei.value.field == "method.residual"
+    with pytest.raises(ConfigError):  # residual + one block of 32 beyond 64
+        build_method({"name": "kivi", "residual": 40, "evict": {"name": "h2o", "budget": 64}})
+    build_method({"name": "kivi", "residual": 32, "evict": {"name": "h2o", "budget": 64}})
+
+
+def test_compression_bytes_for_every_method(stories, assets):
+    """compression_bytes = full-cache bytes for the same tokens / bytes held at the peak, for eviction and
+    quantization alike; compression_bits is QAQ's accounting (1.0 for a method that holds full precision)."""
+    from kvx.tasks.base import RunContext
+    from kvx.tasks.perplexity import Perplexity
+
+    task = Perplexity(max_tokens=129, window=128, mode="stream",
+                      data_files=str(assets / "tinystories" / "validation_head.jsonl"))
+    task.validate()
+    out = {}
+    for cfg in ({"name": "full"}, {"name": "streaming_llm", "budget": 16, "sink": 4}, {"name": "uniform", "bits": 4},
+                {"name": "qaq", "key_error": 0.5, "value_error": 0.5}):
+        e = engine_for(stories, cfg)
+        out[cfg["name"]] = task.run(e, RunContext()).metrics
+    a = e.arch
+    full_bytes = 128 * a.n_layers * a.n_kv_heads * 2 * a.head_dim * a.dtype_bytes
+    for m in out.values():
+        assert m["full_cache_bytes"] == full_bytes
+        assert m["compression_bytes"] == pytest.approx(full_bytes / m["cache_bytes_peak"])
+        assert m["cache_total_bytes"] == m["cache_bytes_peak"] + m["cache_offload_bytes"]
+    assert out["full"]["compression_bytes"] == 1.0 and out["full"]["compression_bits"] == 1.0
+    assert out["streaming_llm"]["compression_bytes"] == pytest.approx(128 / 16)  # 16 of 128 tokens, peak 16
+    assert out["streaming_llm"]["compression_bits"] == 1.0
+    assert out["uniform"]["cache_offload_bytes"] == 0 and out["qaq"]["cache_offload_bytes"] > 0
+    # bits count full precision at 16 bits, bytes at the model's dtype (fp32 here): bytes give less than bits
+    # scaled to the dtype (the bytes also count the residual token's fp32, the outlier-free zero/scale at fp16)
+    u = out["uniform"]
+    assert 1.0 < u["compression_bytes"] <= u["compression_bits"] * a.dtype_bytes / 2
+
+
+@pytest.mark.parametrize("cfg", [{"name": "uniform", "bits": 4, "residual": 3},
+                                 {"name": "kivi", "bits": 2, "group_size": 4, "residual": 4},
+                                 {"name": "uniform", "bits": 2, "outliers": 0.05}])
+def test_masked_mode_reports_the_quantized_bytes(stories, tiny_ids, cfg):
+    """Masked mode reports the bytes the stream store holds at the end of the window, not full-cache bytes."""
+    ids = torch.tensor([tiny_ids[:49]])
+    e = engine_for(stories, cfg)
+    _, sm = e.score_window(ids, mode="masked")
+    _, ss = e.score_window(ids, mode="stream")
+    assert sm["cache_bytes_peak"] == ss["cache_bytes_peak"]
+    full = engine_for(stories, {"name": "full"}).score_window(ids, mode="masked")[1]["cache_bytes_peak"]
+    assert sm["cache_bytes_peak"] < 0.7 * full

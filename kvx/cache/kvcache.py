@@ -229,11 +229,18 @@ class KVXCache(Cache):
                 k = st.keys() if st.n else None
                 e = 0 if k is None else 2 * k.numel()
                 a = {"elements": e, "bits": 16 * e}
-            for key in acct:
-                acct[key] += int(a.get(key, 0))
+            for key, val in a.items():
+                acct[key] = acct.get(key, 0) + int(val)
         return {"score_bytes": score, **{f"acct_{k}": v for k, v in acct.items()}}
 
     def masked_peak_bytes(self, batch_size: int) -> int:
+        """Bytes held at each layer's peak in masked mode: a store that can say what it would hold (a quantized
+        store: `masked_nbytes`) says so; otherwise the peak tokens at full precision."""
         a = self.arch
-        tokens = sum(self.masked_peak) * batch_size * a.n_kv_heads * 2 * a.head_dim * a.dtype_bytes
-        return tokens + sum(layer.store.state_nbytes() for layer in self.layers)
+        per_token = batch_size * a.n_kv_heads * 2 * a.head_dim * a.dtype_bytes
+        total = 0
+        for layer, peak in zip(self.layers, self.masked_peak):
+            own = getattr(layer.store, "masked_nbytes", None)
+            held = own(peak) if own is not None else None
+            total += peak * per_token if held is None else held
+        return total + sum(layer.store.state_nbytes() for layer in self.layers)

@@ -33,6 +33,9 @@ class KIVI(QuantMethod):
         check_int(self.group_size, "method.group_size", 1)
         self.validate_common()
 
+    def residual_block(self) -> int:
+        return self.group_size
+
     def specs(self, arch: ArchInfo) -> tuple[QuantSpec, QuantSpec]:
         vg = min(self.group_size, arch.head_dim)
         return (QuantSpec(self.bits, "channel", self.group_size, self.outliers),

@@ -139,7 +139,19 @@ class QuantMethod(Method, ABC):
         check_int(getattr(self, "residual", 0), "method.residual", 0)
         check_fraction(getattr(self, "outliers", 0.0), "method.outliers")
         self._evict_built = False
-        _ = self.evict_method
+        ev = self.evict_method
+        budget = getattr(ev, "budget", None)
+        held = int(getattr(self, "residual", 0)) + self.residual_block()
+        if isinstance(budget, int) and not isinstance(budget, bool) and held > budget:
+            raise ConfigError("method.residual", f"residual {self.residual} + {self.residual_block() - 1} (tokens "
+                                                 f"leave the residual window in blocks of {self.residual_block()}) "
+                                                 f"exceeds method.evict.budget={budget}: no token would ever be "
+                                                 "quantized; lower the residual")
+
+    def residual_block(self) -> int:
+        """Tokens leave the full-precision window in blocks of this many (channel groups), once `residual` newer
+        ones are held."""
+        return 1
 
     def check_arch(self, arch: ArchInfo) -> None:
         ev = self.evict_method

@@ -46,6 +46,9 @@ class Uniform(QuantMethod):
             raise ConfigError("method.group_size", "channel groups need a block size in tokens (e.g. 32)")
         self.validate_common()
 
+    def residual_block(self) -> int:
+        return int(self.group_size) if "channel" in (self.key_axis, self.value_axis) else 1
+
     def specs(self, arch: ArchInfo) -> tuple[QuantSpec, QuantSpec]:
         kb = self.bits if self.key_bits is None else self.key_bits
         vb = self.bits if self.value_bits is None else self.value_bits

@@ -86,17 +86,29 @@ def windows(n_tokens: int, window: int, stride: int) -> list[tuple[int, int, int
     return out
 
 
-def compression_metrics(acct: dict[str, int]) -> dict:
-    """QAQ's compression ratio (16 / average bits per element, metadata and outliers at 16 bits) over the caches held
-    at the end of each window, and the average code bits of quantized keys and values."""
+def compression_metrics(acct: dict[str, int], full_bytes: int, held_bytes: int) -> dict:
+    """Compression of any method, two ways:
+    - `compression_bytes`: the bytes a full cache holds for the same tokens over the bytes this cache held on the
+      compute device at its peak (everything the store holds: codes, metadata, outliers, addressing);
+    - `compression_bits`: 16 over the average bits per element held, as the QAQ paper counts them (codes at their
+      width, zero/scale, outliers and full-precision elements at 16 bits, outlier indices included), over the
+      caches held at the end of each window; 1.0 for a method that keeps what it holds at full precision.
+    Beside them the average code bits of quantized keys and values."""
     out = {}
+    if held_bytes:
+        out["compression_bytes"] = full_bytes / held_bytes
     if acct.get("acct_bits"):
-        out["compression_ratio"] = 16.0 * acct["acct_elements"] / acct["acct_bits"]
+        out["compression_bits"] = 16.0 * acct["acct_elements"] / acct["acct_bits"]
     q = acct.get("acct_quantized_elements", 0)
     if q:
         out["avg_key_bits"] = acct["acct_key_code_bits"] / q
         out["avg_value_bits"] = acct["acct_value_code_bits"] / q
     return out
+
+
+def full_cache_bytes(arch, batch: int, tokens: int) -> int:
+    """Bytes of a full-precision cache holding `tokens` tokens of `batch` sequences in every layer."""
+    return batch * tokens * arch.n_layers * arch.n_kv_heads * 2 * arch.head_dim * arch.dtype_bytes
 
 
 @TASKS.register("perplexity")
@@ -142,7 +154,7 @@ class Perplexity(Task):
             raise DataError(f"task {self.name}: fewer than 2 tokens in the data")
         x = torch.tensor(ids)
         wins = windows(len(ids), self.window, self.stride or self.window)
-        total_nll, total_n, correct, peak, aux = 0.0, 0, 0, 0, 0
+        total_nll, total_n, correct, peak, aux, offload, full_peak = 0.0, 0, 0, 0, 0, 0, 0
         acct: dict[str, int] = {}
         score_bytes = state_bytes = 0
         outputs = []
@@ -157,20 +169,24 @@ class Perplexity(Task):
                 nll, stats = engine.score_window(inp, mode=self.mode, chunk_size=self.chunk_size, return_logits=True)
                 logits = stats.pop("logits")
                 peak = max(peak, stats["cache_bytes_peak"])
+                full_peak = max(full_peak, full_cache_bytes(engine.arch, inp.shape[0], inp.shape[1] - 1))
                 aux = max(aux, stats.get("cache_aux_bytes", 0))
                 score_bytes = max(score_bytes, stats.get("score_bytes", 0))
                 state_bytes = max(state_bytes, stats.get("state_bytes", 0))
+                offload = max(offload, stats.get("acct_offload_bytes", 0))
                 for k, v in stats.items():
                     if k.startswith("acct_"):
                         acct[k] = acct.get(k, 0) + v
                 for r, (b, e, n_sc) in enumerate(batch):
                     s_nll = nll[r, -n_sc:]
-                    hits = int((logits[r, -n_sc:].argmax(-1).cpu() == x[e + 1 - n_sc : e + 1]).sum())
+                    hit = logits[r, -n_sc:].argmax(-1).cpu() == x[e + 1 - n_sc : e + 1]
+                    hits = int(hit.sum())
                     total_nll += float(s_nll.sum())
                     total_n += n_sc
                     correct += hits
                     outputs.append(
-                        {"begin": b, "end": e, "tokens": n_sc, "nll": float(s_nll.mean()), "acc": hits / n_sc}
+                        {"begin": b, "end": e, "tokens": n_sc, "nll": float(s_nll.mean()), "acc": hits / n_sc,
+                         "hits": "".join("1" if h else "0" for h in hit.tolist())}  # per token (bootstrap)
                     )
             if hasattr(bar, "set_postfix"):
                 bar.set_postfix(ppl=f"{math.exp(total_nll / total_n):.3f}")
@@ -182,7 +198,10 @@ class Perplexity(Task):
             "tokens": total_n,
             "windows": len(wins),
             "mode": self.mode,
-            "cache_bytes_peak": peak,
+            "cache_bytes_peak": peak,  # on the compute device, everything the store holds
+            "cache_offload_bytes": offload,  # held off the compute device (QAQ's full-precision copy)
+            "cache_total_bytes": peak + offload,
+            "full_cache_bytes": full_peak,  # a full cache for the same tokens
             "cache_aux_bytes": aux,
             "score_bytes": score_bytes,
             "task_seconds": time.perf_counter() - t0,
@@ -191,5 +210,5 @@ class Perplexity(Task):
             a = engine.arch
             metrics["state_bytes"] = state_bytes
             metrics["state_tokens"] = state_bytes / (a.n_layers * a.n_kv_heads * 2 * a.head_dim * a.dtype_bytes)
-        metrics.update(compression_metrics(acct))
+        metrics.update(compression_metrics(acct, full_peak, peak))
         return TaskResult(metrics=metrics, outputs=outputs)

@@ -436,14 +436,25 @@ def eviction_table(p: Plan, figures: Path) -> Section:
 
 
 def compression(run: Run, full: Run | None) -> float | None:
-    """The paper's ratio (16 bits / average bits held) when the run reports it, else full bytes / run bytes."""
+    """Full-cache bytes for the same tokens over the bytes the run held on the compute device (`compression_bytes`),
+    else the full run's bytes over this one's; for runs made before bytes were reported, the method's own ratio."""
     m = run.metrics
-    for key in ("compression_bits", "compression_ratio", "compression"):
+    if isinstance(m.get("compression_bytes"), (int, float)):
+        return float(m["compression_bytes"])
+    if full is not None and m.get("cache_bytes_peak") and "compression_bits" in m:
+        return full.metrics["cache_bytes_peak"] / m["cache_bytes_peak"]
+    for key in ("compression_ratio", "compression"):
         if isinstance(m.get(key), (int, float)):
             return float(m[key])
     if full is not None and m.get("cache_bytes_peak"):
         return full.metrics["cache_bytes_peak"] / m["cache_bytes_peak"]
     return None
+
+
+def compression_bits(run: Run) -> float | None:
+    """16 bits over the average bits per element held, as the QAQ paper counts them."""
+    v = run.metrics.get("compression_bits")
+    return float(v) if isinstance(v, (int, float)) else None
 
 
 def setting(run: Run) -> str:
@@ -464,6 +475,44 @@ def accuracy_key(run: Run) -> str:
 
 QAQ_PAPER = {"hellaswag": 7.48, "piqa": 9.02, "mathqa": 7.48}  # LLaMA-2-7B, <1% accuracy drop (QAQ Table 1)
 MAX_DROP = 0.01  # relative: (acc_full - acc) / acc_full < 1%
+BOOTSTRAP = 2000  # resamples of the paired per-token accuracy difference (95% interval)
+RANDOM_MODELS = ("random",)  # random weights: byte columns only, no accuracy
+
+
+def _token_hits(run: Run) -> dict[tuple, str] | None:
+    out = {}
+    for o in run.outputs():
+        if "hits" not in o:
+            return None
+        out[(o["begin"], o["end"])] = o["hits"]
+    return out or None
+
+
+def delta_interval(run: Run, full: Run | None) -> tuple[float, float] | None:
+    """95% interval (points) of run acc - full acc by a paired bootstrap over the scored tokens (fixed seed)."""
+    import numpy as np
+
+    if full is None or run is full:
+        return None
+    a, b = _token_hits(run), _token_hits(full)
+    if a is None or b is None or set(a) != set(b):
+        return None
+    keys = sorted(a)
+    d = np.array([int(x) - int(y) for k in keys for x, y in zip(a[k], b[k])], dtype=np.float64)
+    if d.size == 0:
+        return None
+    idx = np.random.default_rng(0).integers(0, d.size, size=(BOOTSTRAP, d.size))
+    means = d[idx].mean(axis=1)
+    lo, hi = np.percentile(means, [2.5, 97.5])
+    return 100 * float(lo), 100 * float(hi)
+
+
+def _delta_text(run: Run, full: Run | None, key: str) -> str:
+    if full is None:
+        return "–"
+    drop = 100 * (run.metrics[key] - full.metrics[key])
+    ci = delta_interval(run, full)
+    return f"{drop:+.2f}" + ("" if ci is None else f" [{ci[0]:+.2f}, {ci[1]:+.2f}]")
 
 
 def _best_under_drop(runs: list[Run], full: Run, key: str) -> tuple[float | None, Run | None]:
@@ -477,19 +526,56 @@ def _best_under_drop(runs: list[Run], full: Run, key: str) -> tuple[float | None
     return best, arg
 
 
+def _byte_cells(r: Run, full: Run | None) -> list[str]:
+    m = r.metrics
+    return [ratio(compression(r, full)), ratio(compression_bits(r)), kib(m.get("cache_bytes_peak")),
+            kib(m.get("cache_offload_bytes"))]
+
+
+BYTE_COLS = ["compression (bytes)", "compression (bits)", "device KiB", "offloaded KiB"]
+BYTE_NOTE = ("Compression (bytes): the bytes a full cache holds for the same tokens over the bytes this cache held "
+             "on the compute device at its peak (codes, zero points and scales, outliers with their indices, "
+             "per-row widths and offsets, the full-precision residual window). Compression (bits): 16 over the "
+             "average bits per element, as the QAQ paper counts them (codes at their width, 16-bit zero/scale per "
+             "group, outliers at 16 bits plus their index, full-precision elements at 16 bits), at the end of each "
+             "window. Device KiB: the peak of those bytes; offloaded KiB: QAQ's full-precision copy held off the "
+             "compute device (CPU), for re-quantization.")
+CI_NOTE = ("Δacc: accuracy minus the full cache's, in points, with its 95% interval from a paired bootstrap over the "
+           f"scored tokens ({BOOTSTRAP} resamples); a difference inside the interval of zero is noise.")
+
+
+def _quality_runs(runs: list[Run]) -> list[Run]:
+    return [r for r in runs if r.model not in RANDOM_MODELS]
+
+
 def _qaq_detail(p: Plan, runs: list[Run], tasks: list[str]) -> Table:
-    cols = ["task", "method", "setting", "compression", "acc", "Δacc (points)", "ppl", "cache KiB"]
+    cols = ["task", "method", "setting"] + BYTE_COLS + ["acc", "Δacc (points) [95%]", "ppl"]
     rows = []
     for t in tasks:
         trs = [r for r in runs if r.cfg["task"]["name"] == t]
         full = _full(trs)
         for r in trs:
             key = accuracy_key(r)
-            drop = None if full is None else 100 * (r.metrics[key] - full.metrics[key])
-            rows.append([t, r.method, setting(r), ratio(compression(r, full)), fmt(r.metrics[key], 4),
-                         "–" if drop is None else f"{drop:+.2f}", fmt(r.metrics.get("ppl")),
-                         kib(r.metrics.get("cache_bytes_peak"))])
-    return Table("Every run", cols, rows)
+            rows.append([t, r.method, setting(r)] + _byte_cells(r, full)
+                        + [fmt(r.metrics[key], 4), _delta_text(r, full, key), fmt(r.metrics.get("ppl"))])
+    return Table(f"Every run ({runs[0].model})" if runs else "Every run", cols, rows, [BYTE_NOTE, CI_NOTE])
+
+
+def _byte_table(runs: list[Run]) -> Table | None:
+    """Bytes at a paper-sized head (random weights: no accuracy)."""
+    rnd = [r for r in runs if r.model in RANDOM_MODELS]
+    if not rnd:
+        return None
+    full = _full(rnd)
+    m = rnd[0].cfg["model"]
+    geo = (f"head_dim {m['hidden_size'] // m['num_heads']}, {m['num_kv_heads']} KV heads, {m['num_layers']} layers, "
+           f"{m['dtype']}, {rnd[0].cfg['task']['max_tokens'] - 1} tokens")
+    rows = [[r.method, setting(r)] + _byte_cells(r, full) for r in rnd]
+    notes = [f"A random Llama ({geo}): its accuracy means nothing and is not reported. For reference, an independent "
+             "review measured at head_dim 128 and 512 tokens: uniform-4 3.74×, uniform-2 7.03×, QAQ at 2 bits 6.15× "
+             "(bytes)."]
+    return Table(f"Bytes at head_dim 128 ({rnd[0].model}, random weights)", ["method", "setting"] + BYTE_COLS, rows,
+                 notes)
 
 
 def _tasks(runs: list[Run]) -> list[str]:
@@ -502,28 +588,30 @@ def _tasks(runs: list[Run]) -> list[str]:
 
 @layout("qaq_table1")
 def qaq_table1(p: Plan, figures: Path) -> Section:
-    runs = p.done
+    allruns = p.done
+    runs = _quality_runs(allruns)
+    model = runs[0].model
     tasks = _tasks(runs)
     families = [m for m in dict.fromkeys(r.method for r in runs) if m != "full"]
-    cols = ["task", "acc (full)"] + [f"{m} max compression" for m in families] + ["QAQ paper (LLaMA-2-7B)"]
+    cols = ["task", "acc (full)", "method", "best setting"] + BYTE_COLS + ["Δacc (points) [95%]",
+                                                                         "QAQ paper (LLaMA-2-7B)"]
     rows = []
     for t in tasks:
         trs = [r for r in runs if r.cfg["task"]["name"] == t]
         full = _full(trs)
         key = accuracy_key(full)
-        row = [t, fmt(full.metrics[key], 4)]
         for fam in families:
-            best, _ = _best_under_drop([r for r in trs if r.method == fam], full, key)
-            row.append(ratio(best))
-        row.append(ratio(QAQ_PAPER.get(t)))
-        rows.append(row)
-    notes = [f"Max compression: the largest compression of any grid point whose accuracy drops less than "
-             f"{100 * MAX_DROP:.0f}% relative to the full cache's (– where none does). Compression: 16 bits over the "
-             "average bits held (QAQ's accounting) when the method reports it, else full-cache bytes over measured "
-             "bytes.", mode_note(runs)]
+            best, arg = _best_under_drop([r for r in trs if r.method == fam], full, key)
+            cells = _byte_cells(arg, full) if arg is not None else ["–"] * len(BYTE_COLS)
+            rows.append([t, fmt(full.metrics[key], 4), fam, "–" if arg is None else setting(arg)] + cells
+                        + ["–" if arg is None else _delta_text(arg, full, key),
+                           ratio(QAQ_PAPER.get(t)) if fam == "qaq" else "–"])
+    notes = [f"Per method, the grid point with the largest compression (bytes) whose accuracy drops less than "
+             f"{100 * MAX_DROP:.0f}% relative to the full cache's (the paper's criterion, on the point estimate; – "
+             "where none does).", BYTE_NOTE, CI_NOTE, mode_note(runs)]
     if p.scale != "gpu":
-        notes.append("The paper's column is LLaMA-2-7B on HellaSwag, PIQA and MathQA (7.48×, 9.02×, 7.48×); this "
-                     "scale runs a different model and task, so compare trends, not values.")
+        notes.append("The paper's column is LLaMA-2-7B on HellaSwag, PIQA and MathQA (7.48×, 9.02×, 7.48×, its bit "
+                     "accounting); this scale runs a different model and task, so compare trends, not values.")
     figs = []
     for t in tasks:
         trs = [r for r in runs if r.cfg["task"]["name"] == t]
@@ -534,16 +622,20 @@ def qaq_table1(p: Plan, figures: Path) -> Section:
             if r.method != "full" and r.metrics.get("cache_bytes_peak"):
                 series.setdefault(r.method, []).append((r.metrics["cache_bytes_peak"] / 1024, r.metrics[key]))
         path = figure_path(figures, p, f"pareto_{t}")
-        plot_pareto(series, path, f"{p.experiment} ({p.scale}, {p.runs[0].model}, {t})", key,
+        plot_pareto(series, path, f"{p.experiment} ({p.scale}, {model}, {t})", key,
                     full.metrics[key], higher_is_better=True)
         figs.append((f"{key} versus measured cache ({t})", path))
-    main = Table(f"Compression at <{100 * MAX_DROP:.0f}% accuracy drop ({p.runs[0].model})", cols, rows, notes)
-    return Section(p.scale, p.runs[0].model, main, [_qaq_detail(p, runs, tasks)], figs)
+    main = Table(f"Compression at <{100 * MAX_DROP:.0f}% accuracy drop ({model})", cols, rows, notes)
+    extra = [_qaq_detail(p, runs, tasks)]
+    bt = _byte_table(allruns)
+    if bt is not None:
+        extra.append(bt)
+    return Section(p.scale, model, main, extra, figs)
 
 
 @layout("qaq_table2")
 def qaq_table2(p: Plan, figures: Path) -> Section:
-    runs = p.done
+    runs = _quality_runs(p.done)
     tasks = _tasks(runs)
     variants = []
     for r in runs:
@@ -552,7 +644,9 @@ def qaq_table2(p: Plan, figures: Path) -> Section:
         v = (r.get("method.outliers"), r.get("method.attn_window"))
         if v not in variants:
             variants.append(v)
-    cols = ["outliers", "attention window"] + [f"{t} max compression" for t in tasks]
+    cols = ["outliers", "attention window"]
+    for t in tasks:
+        cols += [f"{t} max compression (bytes)", f"{t} compression (bits)", f"{t} Δacc (points) [95%]"]
     rows = []
     for out, win in variants:
         row = [fmt(out), fmt(win)]
@@ -562,13 +656,16 @@ def qaq_table2(p: Plan, figures: Path) -> Section:
             key = accuracy_key(full)
             sel = [r for r in trs if r.method != "full" and (r.get("method.outliers"), r.get("method.attn_window"))
                    == (out, win)]
-            row.append(ratio(_best_under_drop(sel, full, key)[0]))
+            best, arg = _best_under_drop(sel, full, key)
+            row += [ratio(best), "–" if arg is None else ratio(compression_bits(arg)),
+                    "–" if arg is None else _delta_text(arg, full, key)]
         rows.append(row)
-    notes = [f"Max compression at <{100 * MAX_DROP:.0f}% accuracy drop over the error-target grid, per ablation "
-             "(outliers: share of entries kept exact, 0 = none; attention window n: importance = max of the last n "
-             "attention weights).", mode_note(runs)]
-    main = Table(f"QAQ ablation: outliers and attention window ({p.runs[0].model})", cols, rows, notes)
-    return Section(p.scale, p.runs[0].model, main, [_qaq_detail(p, runs, tasks)], [])
+    notes = [f"Max compression (bytes) at <{100 * MAX_DROP:.0f}% accuracy drop over the error-target grid, per "
+             "ablation (outliers: share of the elements kept exact over the whole cache, 0 = none; attention window "
+             "n: importance = max of the last n attention weights); the bits column and Δacc are that run's.",
+             BYTE_NOTE, CI_NOTE, mode_note(runs)]
+    main = Table(f"QAQ ablation: outliers and attention window ({runs[0].model})", cols, rows, notes)
+    return Section(p.scale, runs[0].model, main, [_qaq_detail(p, runs, tasks)], [])
 
 
 @layout("needle_grid")

@@ -79,7 +79,7 @@ def qkv(B=2, Hq=4, H=2, T=24, D=8, seed=0):
 SIXTEEN = [
     {"name": "uniform", "bits": 16},
     {"name": "uniform", "bits": 16, "key_axis": "channel", "value_axis": "channel", "group_size": 4, "residual": 3},
-    {"name": "kivi", "bits": 16, "group_size": 8, "residual": 4},
+    {"name": "kivi", "bits": 16, "group_size": 8, "residual": 8},
     {"name": "qaq", "min_bits": 16, "max_bits": 16},
     # bits chosen once, when a token is quantized (with requant, a token whose weights fall to ~1e-8 gets fewer)
     {"name": "qaq", "min_bits": 2, "max_bits": 16, "key_error": 1e-12, "value_error": 1e-12, "granularity": "head",
@@ -273,8 +273,8 @@ def test_outlier_fraction_holds_for_the_whole_cache(spec, heads_unit):
 
 # 5. measured bytes match the bit accounting --------------------------------------------------------------------------
 def test_measured_bytes_match_accounting():
-    """Fixed width (uniform): codes in a dense [B, H, n, 3] array, no per-row width or offset; outliers with their
-    value (fp32 here), uint8 column, and per-row start (int32) and count (uint8)."""
+    """Fixed width (uniform): 3 bytes of codes per row, no per-row width or offset; outliers with their value
+    (fp32 here) and uint8 column, and a per-row count (uint8) from which their starts are derived."""
     B, H, D = 2, 3, 8
     spec = QuantSpec(3, "token", 4, 0.25)  # 2 groups per row, 0.25 * 4 = 1 outlier per group -> 2 per row
     st = QuantizedStore(spec, spec, residual=2)
@@ -283,7 +283,7 @@ def test_measured_bytes_match_accounting():
     st.append(k, v, torch.arange(10, dtype=torch.int32).expand(B, H, 10))
     st.flush()
     rows = B * H * 8  # 8 quantized tokens, 2 in the residual
-    per_row = 3 + (4 + 1) + 2 * 2 * 2 + 2 * (4 + 1)  # codes, outlier start + count, zero+delta, outliers + columns
+    per_row = 3 + 1 + 2 * 2 * 2 + 2 * (4 + 1)  # codes, outlier count, zero+delta, outliers + columns
     residual = 2 * B * H * 2 * D * 4
     assert st.nbytes() == 2 * rows * per_row + residual
     assert st.aux_nbytes() == 2 * B * H * 10 * 4  # pos, rpos
@@ -291,7 +291,7 @@ def test_measured_bytes_match_accounting():
     bits_row = (D - 2) * 3 + (16 + 8) * 2 + 32 * 2  # codes, outliers at 16 bits + index, 16-bit zero and scale
     assert acct["elements"] == 2 * (rows + B * H * 2) * D
     assert acct["bits"] == 2 * rows * bits_row + 16 * 2 * B * H * 2 * D
-    assert acct["addressing_bytes"] == 2 * rows * 5
+    assert acct["addressing_bytes"] == 2 * rows * 1
 
 
 def test_measured_bytes_channel_groups():
@@ -310,8 +310,8 @@ def test_measured_bytes_channel_groups():
 
 
 def test_measured_bytes_qaq_layer_metadata():
-    """QAQ at layer granularity: per-row width (uint8) and offset (int32); one zero and scale per token for all
-    KV heads (the authors' layer-level metadata), not one per head."""
+    """QAQ at layer granularity: a per-row width (uint8), the offsets derived from it; one zero and scale per token
+    for all KV heads (the authors' layer-level metadata), not one per head."""
     B, H, T, D = 1, 4, 12, 8
     q, k, v = qkv(B=B, Hq=4, H=H, T=T, D=D, seed=5)
     cfg = QAQConfig(key_error=0.3, value_error=0.3, min_bits=1, max_bits=8, granularity="layer", requant=False)
@@ -321,7 +321,7 @@ def test_measured_bytes_qaq_layer_metadata():
     assert st.kq.zero.shape == (B, 1, st.nq, 1)
     for pt, x in ((st.kq, k), (st.vq, v)):
         codes = int(((pt.bits.long() * D + 7) // 8).sum())
-        assert pt.nbytes() == codes + B * H * st.nq * (4 + 1) + B * st.nq * 2 * 2
+        assert pt.nbytes() == codes + B * H * st.nq * 1 + B * st.nq * 2 * 2
         # the token's cells span all its heads: every element within half a cell of that range
         xs = x[:, :, : st.nq]
         rng = xs.amax((1, 3)) - xs.amin((1, 3))  # [B, nq]
@@ -537,6 +537,7 @@ def test_requant_when_importance_falls():
 @pytest.mark.parametrize("cfg", [
     {"name": "uniform", "bits": 4, "residual": 2, "outliers": 0.25},
     {"name": "qaq", "key_error": 0.3, "value_error": 0.3, "min_bits": 1, "max_bits": 8, "residual": 2},
+    {"name": "kivi", "bits": 2, "group_size": 2, "residual": 2},  # keys and values quantized to different slots
 ])
 def test_store_triton_path_matches_reference(random_gqa, cfg):
     e = engine_for(random_gqa, cfg)
@@ -655,3 +656,49 @@ def test_masked_mode_reports_the_quantized_bytes(stories, tiny_ids, cfg):
     assert sm["cache_bytes_peak"] == ss["cache_bytes_peak"]
     full = engine_for(stories, {"name": "full"}).score_window(ids, mode="masked")[1]["cache_bytes_peak"]
     assert sm["cache_bytes_peak"] < 0.7 * full
+
+
+# 12. KIVI as published ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("rule,R,G", [("kivi", 8, 4), ("kivi", 0, 4), ("grouped", 8, 4)])
+def test_kivi_residual_rule(rule, R, G):
+    """Full-precision tokens read by query i (before it is appended): official KIVI holds i mod R keys (all R
+    quantized at once on reaching R) and min(i, R) values; grouped holds both at R..R+G-1 once quantizing."""
+    q, k, v = qkv(B=1, Hq=2, H=2, T=40, D=8)
+    st = QuantizedStore(QuantSpec(2, "channel", G), QuantSpec(2, "token", 8), R, residual_rule=rule)
+    seen = []
+    for i in range(40):
+        st.flush()
+        if i:
+            seen.append((st.k.shape[2], st.v.shape[2]))
+        st.append(k[:, :, i : i + 1], v[:, :, i : i + 1], torch.full((1, 2, 1), i, dtype=torch.int32))
+    for i, (fk, fv) in enumerate(seen, start=1):
+        if rule == "kivi":
+            want_k = i % R if R else i % G
+            assert (fk, fv) == (want_k, min(i, R))
+        else:
+            nq = max(0, (i - R) // G) * G
+            assert fk == fv == i - nq
+    assert st.nq != st.nq_v or rule == "grouped"
+
+
+def test_kivi_rule_masked_equals_stream_store():
+    """The masked twin of residual_rule kivi: key j quantized for query i when j < (i // R) R, value j when
+    j < i - R; equal to token-by-token decoding through the store."""
+    q, k, v = qkv(T=30)
+    st = QuantizedStore(QuantSpec(2, "channel", 4), QuantSpec(3, "token", 4), 8, residual_rule="kivi")
+    out_s = run_stream(st, QuantPolicy(), q, k, v)
+    pos = torch.arange(30).expand(2, 2, 30)
+    allowed = reference.allowed_mask(pos, torch.arange(30).expand(2, 30))
+    m = QuantizedStore(QuantSpec(2, "channel", 4), QuantSpec(3, "token", 4), 8, residual_rule="kivi")
+    out_m = m.masked_attention(q, k, v, allowed, 0.5)
+    assert torch.allclose(out_m, out_s, atol=1e-5)
+    assert m.masked_nbytes(30) == st.nbytes()  # the bytes the stream store holds after the last token
+
+
+def test_kivi_default_is_published_and_checks_residual():
+    m = build_method({"name": "kivi"})
+    assert m.residual_rule == "kivi" and m.residual == 128
+    with pytest.raises(ConfigError) as ei:
+        build_method({"name": "kivi", "group_size": 32, "residual": 48})
+    assert ei.value.field == "method.residual"
+    build_method({"name": "kivi", "group_size": 32, "residual": 48, "residual_rule": "grouped"})

@@ -13,11 +13,12 @@ m elements) keeps c_u = floor(a m (u + 1)) - floor(a m u) outliers, so any run o
 units; within a unit, the c_u kept from the two ends are the split that leaves the smallest range. A row is
 re-quantized (QAQ) with the same unit index, so with the same count.
 
-Bytes held (`nbytes`, everything needed to read the rows): codes; per-row widths and byte offsets (variable widths
-only: a fixed-width tensor is a dense [B, H, n, row_bytes] array); outlier/exact-row starts and counts (only where
-outliers or exact rows can occur); zero and scale (16 bits each) per group; outlier values (model dtype) and column
-indices (uint8 up to 256 channels); channel blocks of each row (int32, only once eviction has moved rows between
-blocks). Re-quantized rows leave no dead bytes: the arrays are rebuilt from the live rows at once.
+Bytes held (`nbytes`, everything needed to read the rows): codes, packed in row order without gaps; per-row widths
+(uint8, variable widths only) and outlier counts (uint8, only where outliers or exact rows can occur), from which
+each read derives the byte offsets and outlier starts (prefix sums, not held); zero and scale (16 bits each) per
+group; outlier values (model dtype) and column indices (uint8 up to 256 channels); channel blocks of each row
+(int32, only once eviction has moved rows between blocks). Re-quantized or evicted rows leave no dead bytes: the
+arrays are rebuilt from the live rows at once.
 """
 
 from __future__ import annotations
@@ -250,17 +251,36 @@ def _same_over_heads(t: torch.Tensor) -> bool:
     return t.shape[1] <= 1 or bool((t == t[:, :1]).all())
 
 
+def _starts(cnt: torch.Tensor) -> torch.Tensor:
+    """Exclusive prefix sums (int64) of per-row counts in flat row order."""
+    c = cnt.reshape(-1).long()
+    return torch.cumsum(c, 0) - c
+
+
+def _segments(src: torch.Tensor, start: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    """src[start[i] : start[i] + count[i]] for every row i, concatenated."""
+    total = int(count.sum()) if count.numel() else 0
+    if total == 0:
+        return src[:0]
+    new = torch.cumsum(count, 0) - count
+    return src[start.repeat_interleave(count) + (torch.arange(total, device=src.device) - new.repeat_interleave(count))]
+
+
 class PackedTensor:
     """The quantized rows of one tensor (keys or values): [B, H, nq] rows of D elements (module docstring).
 
-    fixed_bits: every row has this width (uniform, KIVI): the codes are a dense [B, H, nq, row_bytes] array and no
-    per-row width or offset is held. sparse: outliers or exact rows can occur (per-row starts and counts held).
-    Token-axis metadata may be held once per token for all heads (zero [B, 1, nq, 1], QAQ's layer granularity)."""
+    The codes, outliers and exact rows are held in flat row order ((b, h, slot)), packed without gaps, so a row's
+    byte offset and outlier start are prefix sums of the widths and counts: computed per read (`rows`), never held.
+    Held per row: the width (uint8; not held at fixed width, fixed_bits) and, where outliers or exact rows can occur
+    (sparse), the outlier count (uint8 up to 255 channels). Token-axis metadata may be held once per token for all
+    heads (zero [B, 1, nq, 1], QAQ's layer granularity). Every change (append, re-quantization, eviction) rebuilds
+    the arrays from the live rows: no dead bytes."""
 
     def __init__(self, spec: QuantSpec, B: int, H: int, D: int, device, dtype: torch.dtype,
                  fixed_bits: int | None = None, sparse: bool = True, block_rows: int = 1):
         self.spec, self.B, self.H, self.D, self.dtype = spec, B, H, D, dtype
         self.fixed_bits = fixed_bits
+        self.rb = (D * fixed_bits + 7) // 8 if fixed_bits is not None else 0
         self.sparse = sparse
         self.block_rows = spec.group if spec.axis == "channel" else block_rows
         self.blocks_seen = 0  # channel axis: blocks appended so far (numbers the outlier units)
@@ -268,15 +288,8 @@ class PackedTensor:
         NG = D // spec.channels_per_group(D) if spec.axis == "token" else D
         z = dict(device=device)
         self._nq = 0
-        if fixed_bits is not None:
-            self.rb = (D * fixed_bits + 7) // 8
-            self.buf = torch.zeros(B, H, 0, self.rb, dtype=torch.uint8, **z)
-            self.off = self.bits = None
-        else:
-            self.buf = torch.zeros(0, dtype=torch.uint8, **z)
-            self.off = torch.zeros(B, H, 0, dtype=torch.int32, **z)
-            self.bits = torch.zeros(B, H, 0, dtype=torch.uint8, **z)
-        self.ostart = torch.zeros(B, H, 0, dtype=torch.int32, **z) if sparse else None
+        self.buf = torch.zeros(0, dtype=torch.uint8, **z)
+        self.bits = torch.zeros(B, H, 0, dtype=torch.uint8, **z) if fixed_bits is None else None
         self.ocnt = torch.zeros(B, H, 0, dtype=_index_dtype(D + 1), **z) if sparse else None
         self.zero = torch.zeros(B, H, 0, NG, dtype=mdt, **z)
         self.delta = torch.zeros(B, H, 0, NG, dtype=mdt, **z)
@@ -299,22 +312,78 @@ class PackedTensor:
     def exact(self) -> torch.Tensor:
         return self.row_bits().long() >= EXACT_BITS
 
-    def _check_size(self, e: Encoded) -> None:
-        if max(self.buf.numel() + e.buf.numel(), self.oval.numel() + e.oval.numel(),
-               self.xval.numel() + e.xval.numel()) >= 2**31:
-            raise RuntimeError("a layer's packed cache outgrew int32 offsets (2 GiB of codes per tensor)")
+    # the row table: per flat row its width, outlier count, and where its bytes start ---------------------------------
+    def _counts(self, bits: torch.Tensor, ocnt: torch.Tensor | None):
+        """Per flat row: code bytes, outliers, exact values."""
+        b = bits.reshape(-1).long()
+        ex = b >= EXACT_BITS
+        nb = torch.full_like(b, self.rb) if self.fixed_bits is not None else row_nbytes(b, self.D)
+        no = torch.zeros_like(b) if ocnt is None else torch.where(ex, 0, ocnt.reshape(-1).long())
+        return nb, no, ex.long() * self.D
 
-    def _shifted(self, e: Encoded) -> Encoded:
-        self._check_size(e)
-        ex = e.bits.long() >= EXACT_BITS
-        ostart = e.ostart + torch.where(ex, self.xval.numel(), self.oval.numel()).to(torch.int32)
-        return Encoded(e.off + self.buf.numel(), e.bits, ostart, e.ocnt, e.zero, e.delta, e.blk, e.buf, e.ocol,
-                       e.oval, e.xval)
+    def _table(self) -> dict:
+        nb, no, nx = self._counts(self.row_bits(), self.ocnt)
+        return {"bits": self.row_bits().reshape(-1), "ocnt": None if self.ocnt is None else self.ocnt.reshape(-1),
+                "nb": nb, "no": no, "nx": nx, "off": _starts(nb), "os": _starts(no), "xs": _starts(nx)}
 
-    def _cat_sparse(self, e: Encoded) -> None:
-        self.ocol = torch.cat([self.ocol, e.ocol])
-        self.oval = torch.cat([self.oval, e.oval.to(self.dtype)])
-        self.xval = torch.cat([self.xval, e.xval.to(self.dtype)])
+    def _new_table(self, e: Encoded) -> dict:
+        """The encoded rows as a table whose starts point past this tensor's own arrays (sources concatenated)."""
+        ocnt = e.ocnt if self.sparse else None
+        nb, no, nx = self._counts(e.bits, ocnt)
+        ex = e.bits.reshape(-1).long() >= EXACT_BITS
+        st = e.ostart.reshape(-1).long()
+        off = (torch.arange(nb.numel(), device=nb.device) * self.rb if self.fixed_bits is not None
+               else e.off.reshape(-1).long())
+        return {"bits": e.bits.reshape(-1), "ocnt": None if ocnt is None else ocnt.reshape(-1).to(self.ocnt.dtype),
+                "nb": nb, "no": no, "nx": nx, "off": off + self.buf.numel(),
+                "os": torch.where(ex, 0, st) + self.oval.numel(), "xs": torch.where(ex, st, 0) + self.xval.numel()}
+
+    def _rebuild(self, ix: torch.Tensor, shape: tuple, e: Encoded | None) -> None:
+        """Rows of the new tensor = rows ix [R] of (own rows, then e's rows), in flat order of `shape` [B, H, n]."""
+        t = self._table()
+        buf, ocol, oval, xval = self.buf, self.ocol, self.oval, self.xval
+        if e is not None:
+            if e.oval.numel() + oval.numel() >= 2**31 or e.buf.numel() + buf.numel() >= 2**31:
+                raise RuntimeError("a layer's packed cache outgrew int32 offsets (2 GiB of codes per tensor)")
+            n = self._new_table(e)
+            t = {k: (None if t[k] is None else torch.cat([t[k], n[k]])) for k in t}
+            buf, ocol = torch.cat([buf, e.buf]), torch.cat([ocol, e.ocol.to(ocol.dtype)])
+            oval, xval = torch.cat([oval, e.oval.to(self.dtype)]), torch.cat([xval, e.xval.to(self.dtype)])
+        g = {k: (None if v is None else v[ix]) for k, v in t.items()}
+        self.buf = _segments(buf, g["off"], g["nb"])
+        if self.sparse:
+            self.ocol, self.oval = _segments(ocol, g["os"], g["no"]), _segments(oval, g["os"], g["no"])
+            self.xval = _segments(xval, g["xs"], g["nx"])
+            self.ocnt = g["ocnt"].view(shape)
+        if self.fixed_bits is None:
+            self.bits = g["bits"].view(shape)
+        self._nq = shape[2]
+
+    def _flat(self, idx: torch.Tensor, n: int, base: int = 0) -> torch.Tensor:
+        """Flat row index of rows idx [B, H, m] of a [B, H, n] table that starts at `base`."""
+        bh = torch.arange(self.B * self.H, device=idx.device).view(self.B, self.H, 1)
+        return base + bh * n + idx.long()
+
+    # changes ------------------------------------------------------------------------------------------------------
+    def append(self, e: Encoded) -> None:
+        m = e.bits.shape[2]
+        nq = self._nq
+        dev = self.zero.device
+        t = torch.arange(nq + m, device=dev).view(1, 1, -1).expand(self.B, self.H, nq + m)
+        old = self._flat(t.clamp(max=max(nq - 1, 0)), nq)
+        new = self._flat((t - nq).clamp(min=0), m, self.B * self.H * nq)
+        self._rebuild(torch.where(t < nq, old, new).reshape(-1), (self.B, self.H, nq + m), e)
+        if self.spec.axis == "token":
+            if nq == 0:  # an empty tensor takes the new rows' metadata layout
+                self.zero, self.delta = self.zero[:, : e.zero.shape[1]], self.delta[:, : e.delta.shape[1]]
+            self._meta_cat(e)
+        else:
+            nb_old = self.zero.shape[2]
+            if self.blk is not None or nb_old * self.block_rows != nq or m % self.block_rows:
+                self._materialize_blk(nq)
+                self.blk = torch.cat([self.blk, (e.blk + nb_old).to(torch.int32)], 2)
+            self.blocks_seen += e.zero.shape[2]
+            self._meta_cat(e)
 
     def _meta_cat(self, e: Encoded) -> None:
         if self.zero.shape[1] != e.zero.shape[1]:
@@ -323,64 +392,33 @@ class PackedTensor:
         self.zero = torch.cat([self.zero, e.zero], 2)
         self.delta = torch.cat([self.delta, e.delta], 2)
 
-    def append(self, e: Encoded) -> None:
-        m = e.bits.shape[2]
-        if self._nq == 0 and self.spec.axis == "token":  # an empty tensor takes the new rows' metadata layout
-            self.zero, self.delta = self.zero[:, : e.zero.shape[1]], self.delta[:, : e.delta.shape[1]]
-        if self.fixed_bits is not None:
-            self._check_size(e)
-            self.buf = torch.cat([self.buf, e.buf.view(self.B, self.H, m, self.rb)], 2)
-            ostart = e.ostart + torch.where(e.bits.long() >= EXACT_BITS, self.xval.numel(),
-                                            self.oval.numel()).to(torch.int32)
-        else:
-            e = self._shifted(e)
-            self.buf = torch.cat([self.buf, e.buf])
-            self.off = torch.cat([self.off, e.off], 2)
-            self.bits = torch.cat([self.bits, e.bits], 2)
-            ostart = e.ostart
-        if self.sparse:
-            self._cat_sparse(e)
-            self.ostart = torch.cat([self.ostart, ostart], 2)
-            self.ocnt = torch.cat([self.ocnt, e.ocnt], 2)
-        if self.spec.axis == "channel":
-            nb_old = self.zero.shape[2]
-            if self.blk is not None or nb_old * self.block_rows != self._nq or m % self.block_rows:
-                self._materialize_blk()
-                self.blk = torch.cat([self.blk, (e.blk + nb_old).to(torch.int32)], 2)
-            self.blocks_seen += e.zero.shape[2]
-        self._meta_cat(e)
-        self._nq += m
-
-    def _materialize_blk(self) -> None:
+    def _materialize_blk(self, n: int | None = None) -> None:
         if self.blk is None:
-            t = torch.arange(self._nq, device=self.zero.device, dtype=torch.int32) // self.block_rows
-            self.blk = t.view(1, 1, -1).expand(self.B, self.H, self._nq).contiguous()
+            n = self._nq if n is None else n
+            t = torch.arange(n, device=self.zero.device, dtype=torch.int32) // self.block_rows
+            self.blk = t.view(1, 1, -1).expand(self.B, self.H, n).contiguous()
 
     def assign(self, cols: torch.Tensor | None, valid: torch.Tensor, e: Encoded) -> None:
-        """Replace rows [:, :, cols][valid] (all columns when cols is None) by the encoded rows (variable widths, or
-        fixed widths with the tensor's own width)."""
-        c = slice(None) if cols is None else cols
+        """Replace rows [:, :, cols][valid] (all columns when cols is None) by the encoded rows [B, H, len(cols)]."""
+        nq = self._nq
+        dev = self.zero.device
+        c = torch.arange(nq, device=dev) if cols is None else cols.to(dev).long()
+        mc = c.numel()
+        pos_in = torch.full((nq,), -1, dtype=torch.long, device=dev)
+        pos_in[c] = torch.arange(mc, device=dev)
+        t = torch.arange(nq, device=dev).view(1, 1, nq).expand(self.B, self.H, nq)
+        j = pos_in.view(1, 1, nq).expand_as(t)
+        rep = torch.zeros_like(t, dtype=torch.bool)
+        rep[:, :, c] = valid
+        ix = torch.where(rep, self._flat(j.clamp(min=0), mc, self.B * self.H * nq), self._flat(t, nq))
+        self._rebuild(ix.reshape(-1), (self.B, self.H, nq), e)
+        cs = slice(None) if cols is None else c
 
-        def put(t, new, mask):
-            t = t.clone()
-            t[:, :, c] = torch.where(mask, new, t[:, :, c])
-            return t
+        def put(t_, new, mask):
+            t_ = t_.clone()
+            t_[:, :, cs] = torch.where(mask, new, t_[:, :, cs])
+            return t_
 
-        if self.fixed_bits is not None:
-            m = e.bits.shape[2]
-            self.buf = put(self.buf, e.buf.view(self.B, self.H, m, self.rb), valid[..., None])
-        else:
-            e = self._shifted(e)
-            self.buf = torch.cat([self.buf, e.buf])
-            self.off = put(self.off, e.off, valid)
-            self.bits = put(self.bits, e.bits, valid)
-        if self.sparse:
-            if self.fixed_bits is not None:
-                ex = e.bits.long() >= EXACT_BITS
-                e.ostart = e.ostart + torch.where(ex, self.xval.numel(), self.oval.numel()).to(torch.int32)
-            self._cat_sparse(e)
-            self.ostart = put(self.ostart, e.ostart, valid)
-            self.ocnt = put(self.ocnt, e.ocnt, valid)
         if self.spec.axis == "token":
             if self.zero.shape[1] == 1 and e.zero.shape[1] == 1 and _same_over_heads(valid):
                 vz = valid[:, :1]
@@ -398,19 +436,11 @@ class PackedTensor:
             self.blocks_seen += e.zero.shape[2]
             self.blk = put(self.blk, (e.blk + nb_old).to(torch.int32), valid)
             self._drop_dead_blocks()
-        self.compact()
 
     def take(self, idx: torch.Tensor) -> None:
         """Keep rows idx [B, H, m] (in that order)."""
         m = idx.shape[2]
-        if self.fixed_bits is not None:
-            self.buf = self.buf.gather(2, idx[..., None].expand(*idx.shape, self.rb))
-        else:
-            self.off = self.off.gather(2, idx)
-            self.bits = self.bits.gather(2, idx)
-        if self.sparse:
-            self.ostart = self.ostart.gather(2, idx)
-            self.ocnt = self.ocnt.gather(2, idx)
+        self._rebuild(self._flat(idx, self._nq).reshape(-1), (self.B, self.H, m), None)
         if self.spec.axis == "token":
             if self.zero.shape[1] == 1 and not _same_over_heads(idx):
                 self.zero, self.delta = _expand_heads(self.zero, self.H), _expand_heads(self.delta, self.H)
@@ -419,11 +449,10 @@ class PackedTensor:
             self.zero = self.zero.gather(2, ie)
             self.delta = self.delta.gather(2, ie)
         else:
-            self._materialize_blk()
+            if self.blk is None:
+                self._materialize_blk(self.zero.shape[2] * self.block_rows)
             self.blk = self.blk.gather(2, idx)
             self._drop_dead_blocks()
-        self._nq = m
-        self.compact()
 
     def _drop_dead_blocks(self) -> None:
         """Pack each (sequence, head)'s referenced channel blocks to the front of its table; the table keeps as many
@@ -443,50 +472,15 @@ class PackedTensor:
         self.delta = self.delta.gather(2, ie)
 
     # bytes --------------------------------------------------------------------------------------------------------
-    def live_counts(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Per row: bytes in buf, entries in ocol/oval, entries in xval."""
-        b = self.row_bits()
-        ex = b.long() >= EXACT_BITS
-        no = torch.zeros_like(b, dtype=torch.long) if self.ocnt is None else torch.where(ex, 0, self.ocnt.long())
-        return row_nbytes(b, self.D), no, ex.long() * self.D
-
-    def compact(self) -> None:
-        """Rebuild buf / outliers / exact values from the live rows, in row order (rows re-quantized or dropped
-        leave no dead bytes behind)."""
-        nb, no, nx = self.live_counts()
-        parts = [("o", no), ("xval", nx)] if self.sparse else []
-        if self.fixed_bits is None:
-            parts.insert(0, ("buf", nb))
-        for name, cnt in parts:
-            live = int(cnt.sum())
-            held = {"buf": self.buf.numel(), "o": self.oval.numel(), "xval": self.xval.numel()}[name]
-            start = self.off if name == "buf" else self.ostart
-            flat_c, flat_s = cnt.reshape(-1), start.reshape(-1).long()
-            new_s = torch.cumsum(flat_c, 0) - flat_c
-            if held == live and bool((flat_s[flat_c > 0] == new_s[flat_c > 0]).all()):
-                continue
-            src = flat_s.repeat_interleave(flat_c) + (torch.arange(live, device=flat_c.device)
-                                                       - new_s.repeat_interleave(flat_c))
-            new_s = new_s.to(torch.int32)
-            ex = self.exact.reshape(-1)
-            if name == "buf":
-                self.buf = self.buf[src]
-                self.off = new_s.view_as(self.off)
-            elif name == "o":
-                self.ocol, self.oval = self.ocol[src], self.oval[src]
-                self.ostart = torch.where(ex, self.ostart.reshape(-1), new_s).view_as(self.ostart)
-            else:
-                self.xval = self.xval[src]
-                self.ostart = torch.where(ex, new_s, self.ostart.reshape(-1)).view_as(self.ostart)
-
     def nbytes(self) -> int:
-        """Everything held to read the rows: codes, widths and offsets, metadata, outliers and their addressing."""
-        return _nbytes(self.buf, self.off, self.bits, self.ostart, self.ocnt, self.zero, self.delta, self.blk,
-                       self.ocol, self.oval, self.xval)
+        """Everything held to read the rows: codes, widths, outlier counts, zero/scale, channel blocks, outliers
+        with their column indices, exact rows."""
+        return _nbytes(self.buf, self.bits, self.ocnt, self.zero, self.delta, self.blk, self.ocol, self.oval,
+                       self.xval)
 
     def addressing_nbytes(self) -> int:
-        """The part of nbytes() that only locates rows: offsets, widths, outlier starts and counts, channel blocks."""
-        return _nbytes(self.off, self.bits, self.ostart, self.ocnt, self.blk)
+        """The part of nbytes() that only locates rows: per-row widths and outlier counts, channel blocks."""
+        return _nbytes(self.bits, self.ocnt, self.blk)
 
     def accounting(self) -> dict:
         """Bits per element as the QAQ paper counts them, plus each outlier's column index: codes at b bits,
@@ -515,40 +509,30 @@ class PackedTensor:
 
     # reading ------------------------------------------------------------------------------------------------------
     def rows(self, idx: torch.Tensor | None = None) -> PackedRows:
-        """Kernel view of all rows (flattened [B, H, nq]) or of rows idx [B, H, m]. Offsets and widths of a
-        fixed-width tensor, and zeros for the outlier arrays of a tensor without any, are made here per call."""
+        """Kernel view of all rows (flattened [B, H, nq]) or of rows idx [B, H, m]: the byte offsets and outlier
+        starts are prefix sums of the held widths and counts, made here per call (O(rows) integers)."""
         B, H, nq = self.B, self.H, self._nq
         dev = self.zero.device
-        full = torch.arange(nq, device=dev).view(1, 1, nq).expand(B, H, nq)
-        ix = full if idx is None else idx
-        m = ix.shape[2]
-        if self.fixed_bits is None:
-            off, bits = self.off.gather(2, ix), self.bits.gather(2, ix)
-            buf = self.buf
-        else:
-            bh = torch.arange(B * H, device=dev).view(B, H, 1)
-            off = ((bh * nq + ix) * self.rb).to(torch.int32)
-            bits = torch.full((B, H, m), self.fixed_bits, dtype=torch.uint8, device=dev)
-            buf = self.buf.reshape(-1)
-        if self.sparse:
-            ostart, ocnt = self.ostart.gather(2, ix), self.ocnt.gather(2, ix)
-        else:
-            ostart = torch.zeros(B, H, m, dtype=torch.int32, device=dev)
-            ocnt = torch.zeros(B, H, m, dtype=torch.uint8, device=dev)
+        t = self._table()
+        ix = torch.arange(B * H * nq, device=dev) if idx is None else self._flat(idx, nq).reshape(-1)
+        ex = t["bits"].long()[ix] >= EXACT_BITS
+        off = t["off"][ix].to(torch.int32)
+        ostart = torch.where(ex, t["xs"][ix], t["os"][ix]).to(torch.int32)
+        ocnt = t["no"][ix].to(torch.int16)
+        loc = torch.arange(nq, device=dev).view(1, 1, nq).expand(B, H, nq) if idx is None else idx
         if self.spec.axis == "token":
-            loc = ix
             Hz = self.zero.shape[1]
         else:
-            loc = (ix // self.block_rows) if self.blk is None else self.blk.gather(2, ix).long()
+            loc = (loc // self.block_rows) if self.blk is None else self.blk.gather(2, loc).long()
             Hz = H
         bz = torch.arange(B, device=dev).view(B, 1, 1) * Hz + torch.arange(H, device=dev).view(1, H, 1) % Hz
-        srow = bz * self.zero.shape[2] + loc
+        srow = (bz * self.zero.shape[2] + loc).reshape(-1)
         gsz = self.spec.channels_per_group(self.D) if self.spec.axis == "token" else 1
         if self.spec.axis == "token" and Hz == 1 and self.zero.shape[-1] == 1:
             gsz = self.D
-        return PackedRows(buf, off.reshape(-1), bits.reshape(-1), srow.reshape(-1),
+        return PackedRows(self.buf, off, t["bits"][ix].to(torch.uint8), srow,
                           self.zero.reshape(-1, self.zero.shape[-1]), self.delta.reshape(-1, self.delta.shape[-1]),
-                          gsz, ostart.reshape(-1), ocnt.reshape(-1), self.ocol, self.oval, self.xval, self.D)
+                          gsz, ostart, ocnt, self.ocol, self.oval, self.xval, self.D)
 
     def dequant(self, idx: torch.Tensor | None = None) -> torch.Tensor:
         m = self._nq if idx is None else idx.shape[2]

@@ -76,13 +76,18 @@ def _slots_mask(ref: torch.Tensor, sl: slice) -> torch.Tensor:
 class QuantizedStore(ConcatStore):
     """Packed quantized rows + a full-precision residual window (self.k / self.v) + exact outliers.
 
-    Fixed bits (kspec.bits, vspec.bits) unless `qaq` chooses them per token. `residual`: the fewest most recent
-    tokens held in full precision (see the module docstring for when tokens move)."""
+    Fixed bits (kspec.bits, vspec.bits) unless `qaq` chooses them per token. `residual`: the recent tokens held
+    in full precision, by `residual_rule` (module docstring): `grouped` moves keys and values together; `kivi`
+    (official KIVI) holds 0..R-1 full-precision keys (all R quantized at once when they reach R) and exactly R
+    full-precision values, so keys and values may have different numbers of quantized rows (nq_k, nq_v)."""
 
     def __init__(self, kspec: QuantSpec, vspec: QuantSpec, residual: int = 0, qaq: QAQConfig | None = None,
-                 board: BitBoard | None = None, layer_idx: int = 0):
+                 board: BitBoard | None = None, layer_idx: int = 0, residual_rule: str = "grouped"):
         super().__init__()
         self.kspec, self.vspec, self.residual = kspec, vspec, int(residual)
+        if residual_rule not in ("grouped", "kivi") or (residual_rule == "kivi" and qaq is not None):
+            raise ValueError(f"residual_rule must be grouped or kivi (not with QAQ), got {residual_rule!r}")
+        self.residual_rule = residual_rule
         groups = {s.group for s in (kspec, vspec) if s.axis == "channel"}
         if len(groups) > 1:
             raise ValueError("keys and values grouped along channels must use the same block size")
@@ -97,14 +102,19 @@ class QuantizedStore(ConcatStore):
         self._n_kv = 1
         self._own_probs: torch.Tensor | None = None
         self.masked_accounting: dict | None = None
-        self._masked_bytes: tuple[int, int, int, int] | None = None  # packed bytes, quantized tokens, bytes/fp token, T
+        self._masked_bytes: tuple | None = None  # (bytes held, packed bytes, quantized tokens, bytes/fp token, T)
         self.masked_sigma: tuple[torch.Tensor, torch.Tensor] | None = None  # QAQ's sigma of the last masked window
         self.masked_bits: tuple[torch.Tensor, torch.Tensor] | None = None  # and the bits it chose
 
     # shape -------------------------------------------------------------------------------------------------------
     @property
     def nq(self) -> int:
+        """Quantized key rows (= value rows except under residual_rule kivi)."""
         return 0 if self.kq is None else self.kq.nq
+
+    @property
+    def nq_v(self) -> int:
+        return 0 if self.vq is None else self.vq.nq
 
     @property
     def n(self) -> int:
@@ -120,18 +130,18 @@ class QuantizedStore(ConcatStore):
         return self.k if self.nq == 0 else torch.cat([self.kq.dequant(), self.k], 2)
 
     def values(self) -> torch.Tensor:
-        return self.v if self.nq == 0 else torch.cat([self.vq.dequant(), self.v], 2)
+        return self.v if self.nq_v == 0 else torch.cat([self.vq.dequant(), self.v], 2)
 
     # attention ---------------------------------------------------------------------------------------------------
     def attend(self, q, k_new, v_new, pos_new, qpos, scaling, return_probs=False):
-        """As DenseStore.attend, over dequantized rows + the residual + the new tokens. QAQ also needs attention
+        """As ConcatStore.attend, over dequantized rows + the residual + the new tokens. QAQ also needs attention
         weights for its importance: it computes them beside the output (`_own_probs`), so the output takes the
         same path as it would without them."""
         self._scaling, self._qpos, self._n_kv = float(scaling), qpos, k_new.shape[1]
         own = self.qaq is not None and self.quantizes and not return_probs
         self._own_probs = None
-        nq = self.nq
-        if nq == 0:
+        nq, nv = self.nq, self.nq_v
+        if nq == 0 and nv == 0:
             out, probs = ConcatStore.attend(self, q, k_new, v_new, pos_new, qpos, scaling, return_probs)
             if own:
                 k, v, pos = self._cat(k_new, v_new, pos_new)
@@ -139,10 +149,16 @@ class QuantizedStore(ConcatStore):
             return out, probs
         pos_new = pos_new.to(self.pos.dtype)
         if q.shape[2] == 1 and use_triton(q.device):
-            tk = torch.cat([self.k, k_new], 2)
-            tv = torch.cat([self.v, v_new], 2)
-            tpos = torch.cat([self.pos[:, :, nq:], pos_new], 2)
-            out, logits, lse = decode_attention_quant(q[:, :, 0], self.kq.rows(), self.vq.rows(), self.pos[:, :, :nq],
+            # the kernel reads nc = min(nq, nv) packed rows of each; the other's extra rows join the dense tail
+            nc = min(nq, nv)
+            B, H = self.pos.shape[:2]
+            ix = torch.arange(max(nq, nv), device=q.device).view(1, 1, -1).expand(B, H, -1)
+            tk = torch.cat([self.kq.dequant(ix[..., nc:nq]), self.k, k_new], 2)
+            tv = torch.cat([self.vq.dequant(ix[..., nc:nv]), self.v, v_new], 2)
+            tpos = torch.cat([self.pos[:, :, nc:], pos_new], 2)
+            kr = self.kq.rows(ix[..., :nc] if nc < nq else None)
+            vr = self.vq.rows(ix[..., :nc] if nc < nv else None)
+            out, logits, lse = decode_attention_quant(q[:, :, 0], kr, vr, self.pos[:, :, :nc],
                                                       tk, tv, tpos, qpos[:, 0], scaling, return_probs or own)
             probs = torch.exp(logits - lse[..., None]).to(q.dtype)[:, :, None] if (return_probs or own) else None
             if own:
@@ -212,6 +228,9 @@ class QuantizedStore(ConcatStore):
         if self.k is None or not self.quantizes:
             return
         r, R, blk = self.k.shape[2], self.residual, self.block
+        if self.residual_rule == "kivi":
+            self._flush_kivi()
+            return
         nmove = ((r - R) // blk) * blk if r >= R + blk else 0
         if nmove:
             self._init_packed()
@@ -236,6 +255,27 @@ class QuantizedStore(ConcatStore):
             self.k, self.v = self.k[:, :, nmove:], self.v[:, :, nmove:]
         if self.qaq is not None and self.qaq.cfg.requant and self.nq:
             self._requant()
+
+    def _flush_kivi(self) -> None:
+        """Official KIVI: keys move R at a time when R full-precision keys are held (0..R-1 stay), values move as
+        soon as more than R are held (exactly R stay)."""
+        R = self.residual
+        rk, rv = self.k.shape[2], self.v.shape[2]
+        mk = (rk // R) * R if R else (rk // self.block) * self.block
+        mv = max(0, rv - R)
+        if mk or mv:
+            self._init_packed()
+        for name, pt, m in (("k", self.kq, mk), ("v", self.vq, mv)):
+            if not m:
+                continue
+            x = getattr(self, name)
+            sl = slice(pt.nq, pt.nq + m)
+            ps = self.pos[:, :, sl]
+            blk = self.block if pt.spec.axis == "channel" else 1
+            bits = torch.full(ps.shape, pt.spec.bits, dtype=torch.long, device=ps.device)
+            pt.append(encode(x[:, :, :m], ps >= 0, bits, pt.spec, False, blk, self._useq(pt, ps, blk),
+                             pt.fixed_bits is not None))
+            setattr(self, name, x[:, :, m:])
 
     def _requant(self) -> None:
         """Re-quantize, from the full-precision copy, every quantized row whose required width changed: up when
@@ -266,23 +306,23 @@ class QuantizedStore(ConcatStore):
     # eviction ----------------------------------------------------------------------------------------------------
     def _rows(self, idx: torch.Tensor) -> dict:
         """Dequantized / residual keys and values of slots idx [B, H, m]."""
-        nq = self.nq
+        out = {"pos": self.pos.gather(2, idx), "rpos": self.rpos.gather(2, idx)}
         D = self.k.shape[-1]
-        ir = (idx - nq).clamp(min=0)
-        k = self.k.gather(2, ir[..., None].expand(*ir.shape, D)) if self.k.shape[2] else None
-        v = self.v.gather(2, ir[..., None].expand(*ir.shape, D)) if self.v.shape[2] else None
-        if nq:
-            iq = idx.clamp(max=nq - 1)
-            isq = (idx < nq)[..., None]
-            kd, vd = self.kq.dequant(iq), self.vq.dequant(iq)
-            k = kd if k is None else torch.where(isq, kd, k)
-            v = vd if v is None else torch.where(isq, vd, v)
-        return {"k": k, "v": v, "pos": self.pos.gather(2, idx), "rpos": self.rpos.gather(2, idx)}
+        for name, pt in (("k", self.kq), ("v", self.vq)):
+            nq = 0 if pt is None else pt.nq
+            x = getattr(self, name)
+            ir = (idx - nq).clamp(min=0)
+            val = x.gather(2, ir[..., None].expand(*ir.shape, D)) if x.shape[2] else None
+            if nq:
+                d = pt.dequant(idx.clamp(max=nq - 1))
+                val = d if val is None else torch.where((idx < nq)[..., None], d, val)
+            out[name] = val
+        return out
 
     def keep(self, idx: torch.Tensor) -> dict | None:
         """Keep slots idx [B, H, m]; returns the evicted tokens (dequantized). If heads keep different numbers of
         quantized tokens, the oldest kept residual tokens of the others are quantized now so that every head holds
-        the same number of quantized rows (one new channel block on the channel axis)."""
+        the same number of quantized rows (one new channel block on the channel axis); keys and values each so."""
         idx = idx.sort(dim=-1).values
         n, m = self.n, idx.shape[-1]
         evicted = None
@@ -293,46 +333,41 @@ class QuantizedStore(ConcatStore):
         self.pos, self.rpos = self.pos.gather(2, idx), self.rpos.gather(2, idx)
         if self.qaq is not None:
             self.qaq.take(idx)
-        nq = self.nq
-        mq = (idx < nq).sum(-1)
-        mqx = int(mq.max()) if nq else 0
+        for i, name in enumerate(("k", "v")):
+            self._keep_lane(i, name, idx)
+        return evicted
+
+    def _keep_lane(self, i: int, name: str, idx: torch.Tensor) -> None:
+        pt = self.kq if name == "k" else self.vq
+        x, fp = getattr(self, name), getattr(self, "fp_" + name)
+        D = x.shape[-1]
+        nq = 0 if pt is None else pt.nq
+        mqx = int((idx < nq).sum(-1).max()) if nq else 0
         qidx, ridx = idx[..., :mqx], idx[..., mqx:] - nq
-        D = self.k.shape[-1]
         if mqx:
             old = qidx < nq
-            self.kq.take(qidx.clamp(max=nq - 1))
-            self.vq.take(qidx.clamp(max=nq - 1))
-            if self.fp_k is not None:
-                ic = qidx.clamp(max=nq - 1).to(self.fp_k.device)
-                self.fp_k = self.fp_k.gather(2, ic[..., None].expand(*ic.shape, D))
-                self.fp_v = self.fp_v.gather(2, ic[..., None].expand(*ic.shape, D))
+            pt.take(qidx.clamp(max=nq - 1))
+            if fp is not None:
+                ic = qidx.clamp(max=nq - 1).to(fp.device)
+                fp = fp.gather(2, ic[..., None].expand(*ic.shape, D))
             if not bool(old.all()):
-                rs = (qidx - nq).clamp(min=0)[..., None].expand(*qidx.shape, D)
-                xk, xv = self.k.gather(2, rs), self.v.gather(2, rs)
-                bk, bv = self._bits(slice(0, mqx))
+                xn = x.gather(2, (qidx - nq).clamp(min=0)[..., None].expand(*qidx.shape, D))
                 new = ~old
+                b = torch.where(old, pt.row_bits().long(), self._bits(slice(0, mqx))[i])
                 pq = self.pos[:, :, :mqx]
-                for pt, x, b in ((self.kq, xk, bk), (self.vq, xv, bv)):
-                    b = torch.where(old, pt.row_bits().long(), b)
-                    pt.assign(None, new, encode(x, new, b, pt.spec, False, mqx, self._useq(pt, pq, mqx),
-                                                pt.fixed_bits is not None))
+                pt.assign(None, new, encode(xn, new, b, pt.spec, False, mqx, self._useq(pt, pq, mqx),
+                                            pt.fixed_bits is not None))
                 if self.qaq is not None:
-                    full = torch.cat([new, torch.zeros_like(self.qaq.qsig_k[:, :, mqx:], dtype=torch.bool)], 2)
-                    self.qaq.qsig_k = torch.where(full, self.qaq.sig_k, self.qaq.qsig_k)
-                    self.qaq.qsig_v = torch.where(full, self.qaq.sig_v, self.qaq.qsig_v)
-                if self.fp_k is not None:
-                    nm = new.to(self.fp_k.device)[..., None]
-                    self.fp_k = torch.where(nm, xk.to(self.fp_k.device), self.fp_k)
-                    self.fp_v = torch.where(nm, xv.to(self.fp_v.device), self.fp_v)
-        elif self.kq is not None:
-            empty = torch.zeros(*idx.shape[:2], 0, dtype=torch.long, device=idx.device)
-            self.kq.take(empty)
-            self.vq.take(empty)
-            if self.fp_k is not None:
-                self.fp_k, self.fp_v = self.fp_k[:, :, :0], self.fp_v[:, :, :0]
-        re = ridx[..., None].expand(*ridx.shape, D)
-        self.k, self.v = self.k.gather(2, re), self.v.gather(2, re)
-        return evicted
+                    qsig, sig = getattr(self.qaq, "qsig_" + name), getattr(self.qaq, "sig_" + name)
+                    full = torch.cat([new, torch.zeros_like(qsig[:, :, mqx:], dtype=torch.bool)], 2)
+                    setattr(self.qaq, "qsig_" + name, torch.where(full, sig, qsig))
+                if fp is not None:
+                    fp = torch.where(new.to(fp.device)[..., None], xn.to(fp.device), fp)
+        elif pt is not None:
+            pt.take(torch.zeros(*idx.shape[:2], 0, dtype=torch.long, device=idx.device))
+            fp = None if fp is None else fp[:, :, :0]
+        setattr(self, "fp_" + name, fp)
+        setattr(self, name, x.gather(2, ridx[..., None].expand(*ridx.shape, D)))
 
     # bytes -------------------------------------------------------------------------------------------------------
     def nbytes(self) -> int:
@@ -374,24 +409,30 @@ class QuantizedStore(ConcatStore):
         mb = self._masked_bytes
         if mb is None:
             return None
-        q_bytes, nq, fp_tok_bytes, T = mb
+        exact, q_bytes, nq, fp_tok_bytes, T = mb
         if peak_tokens >= T or nq == 0:
-            return q_bytes + (T - nq) * fp_tok_bytes
+            return exact
         fp = min(peak_tokens, T - nq)
-        return round(q_bytes * (peak_tokens - fp) / nq) + fp * fp_tok_bytes
+        return round(q_bytes * (peak_tokens - fp) / nq) + round(fp * fp_tok_bytes)
 
     # masked mode -------------------------------------------------------------------------------------------------
     def masked_attention(self, q, k, v, allowed, scaling, evicted=None):
-        """Parallel twin of stream decoding: query i reads token j quantized when j < nq(i) (module docstring)."""
+        """Parallel twin of stream decoding: query i reads key j quantized when j < nq_k(i) and value j when
+        j < nq_v(i) (module docstring)."""
         B, Hq, T, D = q.shape
         H = k.shape[1]
         g = Hq // H
         R, blk = self.residual, self.block
         i = torch.arange(T, device=q.device)
-        nq_i = ((i - R).clamp(min=0) // blk) * blk
-        M = int(nq_i[-1]) if T else 0
+        if self.residual_rule == "kivi":
+            nq_k = (i // R) * R if R else (i // blk) * blk
+            nq_v = (i - R).clamp(min=0)
+        else:
+            nq_k = nq_v = ((i - R).clamp(min=0) // blk) * blk
+        Mk, Mv = (int(nq_k[-1]), int(nq_v[-1])) if T else (0, 0)
+        M = max(Mk, Mv)
         fp_tok = 2 * B * H * D * k.element_size()
-        self._masked_bytes = (0, 0, fp_tok, T)
+        self._masked_bytes = (T * fp_tok, 0, 0, fp_tok, T)
         if not self.quantizes or M == 0:
             self.masked_accounting = {"elements": 2 * k.numel(), "bits": 32 * k.numel()}
             return Store.masked_attention(self, q, k, v, allowed, scaling, evicted)
@@ -401,37 +442,41 @@ class QuantizedStore(ConcatStore):
             pf = torch.softmax(lf.masked_fill(~allowed, float("-inf")).float(), dim=-1)
             bk, bv = self._masked_qaq_bits(q, k, v, pf, allowed, scaling, M)
         else:
-            bk = torch.full((B, H, M), self.kspec.bits, dtype=torch.long, device=q.device)
-            bv = torch.full((B, H, M), self.vspec.bits, dtype=torch.long, device=q.device)
+            bk = torch.full((B, H, Mk), self.kspec.bits, dtype=torch.long, device=q.device)
+            bv = torch.full((B, H, Mv), self.vspec.bits, dtype=torch.long, device=q.device)
         self.masked_bits = (bk, bv)
         if bool((bk >= EXACT_BITS).all()) and bool((bv >= EXACT_BITS).all()):  # every token exact
             self.masked_accounting = {"elements": 2 * k.numel(), "bits": 32 * k.numel()}
             return Store.masked_attention(self, q, k, v, allowed, scaling, evicted)
-        valid = torch.ones(B, H, M, dtype=torch.bool, device=q.device)
         hu = self.qaq is not None and self.qaq.heads_unit
-        pos = torch.arange(M, device=q.device).view(1, 1, M).expand(B, H, M)
         pk = self._new_packed(self.kspec, B, H, D, k.device, k.dtype)
         pv = self._new_packed(self.vspec, B, H, D, v.device, v.dtype)
-        for pt, x, b in ((pk, k, bk), (pv, v, bv)):
-            pt.append(encode(x[:, :, :M], valid, b, pt.spec, hu, blk, self._useq(pt, pos, blk), pt.fixed_bits is not None))
-        kh = torch.cat([pk.dequant(), k[:, :, M:]], 2)
-        vh = torch.cat([pv.dequant(), v[:, :, M:]], 2)
+        for pt, x, b, m in ((pk, k, bk, Mk), (pv, v, bv, Mv)):
+            if m:
+                pos = torch.arange(m, device=q.device).view(1, 1, m).expand(B, H, m)
+                valid = torch.ones(B, H, m, dtype=torch.bool, device=q.device)
+                pt.append(encode(x[:, :, :m], valid, b, pt.spec, hu, blk if pt.spec.axis == "channel" else 1,
+                                 self._useq(pt, pos, blk), pt.fixed_bits is not None))
+        kh = torch.cat([pk.dequant(), k[:, :, Mk:]], 2)
+        vh = torch.cat([pv.dequant(), v[:, :, Mv:]], 2)
         lq = torch.matmul(qg, kh[:, :, None].transpose(-1, -2)) * scaling
-        sel = i[None, :] < nq_i[:, None]  # [T (query), T (key)]: read quantized
-        logits = torch.where(sel, lq, lf).masked_fill(~allowed, float("-inf"))
+        sel_k = i[None, :] < nq_k[:, None]  # [T (query), T (key)]: read the key quantized
+        sel_v = i[None, :] < nq_v[:, None]
+        logits = torch.where(sel_k, lq, lf).masked_fill(~allowed, float("-inf"))
         p = torch.softmax(logits.float(), dim=-1).to(q.dtype)
         zero = torch.zeros((), dtype=p.dtype, device=p.device)
-        out = torch.matmul(torch.where(sel, p, zero), vh[:, :, None]) + torch.matmul(torch.where(sel, zero, p),
-                                                                                     v[:, :, None])
+        out = torch.matmul(torch.where(sel_v, p, zero), vh[:, :, None]) + torch.matmul(torch.where(sel_v, zero, p),
+                                                                                       v[:, :, None])
         ak, av = pk.accounting(), pv.accounting()
-        res = 2 * (T - M) * B * H * D
-        offload = 2 * M * B * H * D * k.element_size() if self.qaq is not None and self.qaq.cfg.requant else 0
+        res = (2 * T - Mk - Mv) * B * H * D
+        offload = 2 * Mk * B * H * D * k.element_size() if self.qaq is not None and self.qaq.cfg.requant else 0
         self.masked_accounting = {"elements": ak["elements"] + av["elements"] + res,
                                   "bits": ak["bits"] + av["bits"] + 16 * res,
                                   "key_code_bits": ak["code_bits"], "value_code_bits": av["code_bits"],
                                   "quantized_elements": ak["elements"], "offload_bytes": offload,
                                   "addressing_bytes": pk.addressing_nbytes() + pv.addressing_nbytes()}
-        self._masked_bytes = (pk.nbytes() + pv.nbytes(), M, fp_tok, T)
+        q_bytes = pk.nbytes() + pv.nbytes()
+        self._masked_bytes = (q_bytes + (2 * T - Mk - Mv) * fp_tok // 2, q_bytes, (Mk + Mv) / 2, fp_tok, T)
         return out.reshape(B, Hq, T, D)
 
     def _masked_qaq_bits(self, q, k, v, pf, allowed, scaling, M):

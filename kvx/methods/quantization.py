@@ -184,7 +184,8 @@ class QuantMethod(Method, ABC):
             if layer_idx == 0 or self._board is None:  # a cache builds its layers in order: one board per cache
                 self._board = BitBoard(arch.n_layers)
             board = self._board
-        return QuantizedStore(ks, vs, getattr(self, "residual", 0), qc, board, layer_idx)
+        return QuantizedStore(ks, vs, getattr(self, "residual", 0), qc, board, layer_idx,
+                              getattr(self, "residual_rule", "grouped"))
 
     def make_policy(self, layer_idx: int, arch: ArchInfo, seq_len: int | None) -> LayerPolicy:
         quant = QuantPolicy()  # QAQ's store computes the attention weights it needs itself

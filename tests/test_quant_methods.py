@@ -702,3 +702,22 @@ def test_kivi_default_is_published_and_checks_residual():
         build_method({"name": "kivi", "group_size": 32, "residual": 48})
     assert ei.value.field == "method.residual"
     build_method({"name": "kivi", "group_size": 32, "residual": 48, "residual_rule": "grouped"})
+
+
+def test_uniform_with_and_without_outliers(stories, tiny_ids):
+    """The QAQ paper's uniform baseline keeps 1% outliers: `uniform` offers both; with them, 1% of the quantized
+    elements (over the whole cache) are held exactly and their bytes (value + uint8 index + per-row count) are
+    counted."""
+    ids = torch.tensor([tiny_ids[:201]])
+    held = {}
+    for out in (0.0, 0.01):
+        e = engine_for(stories, {"name": "uniform", "bits": 2, "outliers": out})
+        cache = e.new_cache(1, 200)
+        e.prefill(cache, ids[:, :-1], chunk_size=1)
+        n_out = sum(int(pt.ocnt.long().sum()) for layer in cache.layers for pt in (layer.store.kq, layer.store.vq)
+                    if pt.ocnt is not None)
+        n_el = sum(pt.nq * pt.B * pt.H * pt.D for layer in cache.layers for pt in (layer.store.kq, layer.store.vq))
+        held[out] = (n_out, cache.nbytes())
+        assert abs(n_out - out * n_el) <= 2 * len(cache.layers) * 2 * 4  # one unit's share per head and tensor
+    rows = sum(2 * layer.store.nq * 4 for layer in cache.layers)  # key and value rows (4 KV heads)
+    assert held[0.01][1] - held[0.0][1] == held[0.01][0] * (4 + 1) + rows * 1  # fp32 value + index; counts

@@ -94,10 +94,22 @@ def residual_after(forwards: list[int], residual: int, block: int) -> int:
     return r
 
 
+def kivi_residual_after(forwards: list[int], residual: int, block: int) -> tuple[int, int]:
+    """(keys, values) in full precision after these forwards under KIVI's published rule: before each forward, keys
+    move R at a time once R are held (block at a time if R = 0), values beyond the last R move."""
+    rk = rv = 0
+    for t in forwards:
+        step = residual or block
+        rk -= (rk // step) * step
+        rv = min(rv, residual)
+        rk, rv = rk + t, rv + t
+    return rk, rv
+
+
 def quant_row_bytes(D: int, bits: int, groups: int) -> int:
-    """One quantized row (one token, one KV head, K or V): codes, its bit-width byte, 16-bit zero and scale per
-    group."""
-    return (D * bits + 7) // 8 + 1 + 4 * groups
+    """One quantized row (one token, one KV head, K or V) at a fixed width: codes and a 16-bit zero and scale per
+    group (no per-row width or offset is held)."""
+    return (D * bits + 7) // 8 + 4 * groups
 
 
 def promise(method, arch, batch: int, forwards: list[int], cache=None) -> tuple[int, str]:
@@ -119,15 +131,19 @@ def promise(method, arch, batch: int, forwards: list[int], cache=None) -> tuple[
     if name in ("uniform", "kivi"):
         ks, vs = method.specs(arch)
         block = ks.group if ks.axis == "channel" else 1
-        r = min(n, residual_after(forwards, method.residual, block))
-        nq = n - r
+        if getattr(method, "residual_rule", "grouped") == "kivi":
+            rk, rv = kivi_residual_after(forwards, method.residual, block)
+        else:
+            rk = rv = residual_after(forwards, method.residual, block)
         total = 0
-        for spec in (ks, vs):
+        for spec, r in ((ks, min(n, rk)), (vs, min(n, rv))):
+            nq = n - r
             if spec.axis == "token":
                 total += nq * quant_row_bytes(D, spec.bits, D // spec.channels_per_group(D))
             else:  # one zero/scale per channel per block of `group` rows
                 total += nq * quant_row_bytes(D, spec.bits, 0) + (nq // spec.group) * 4 * D
-        return L * H * batch * (total + r * 2 * D * db), "quant"
+            total += r * D * db
+        return L * H * batch * total, "quant"
     if name == "qaq" and cache is not None:  # mixed widths: what the widths it chose cost
         total = 0
         for layer in cache.layers:
@@ -138,8 +154,9 @@ def promise(method, arch, batch: int, forwards: list[int], cache=None) -> tuple[
                 b = pt.bits.long()
                 exact = b >= 16
                 codes = torch.where(exact, D * db, (D * b + 7) // 8)
-                outl = torch.where(exact, 0, pt.ocnt.long()) * (db + 2)
-                total += int((codes + outl + 1 + 4 * pt.zero.shape[-1]).sum())
+                per_row = 1 + (0 if pt.ocnt is None else 1)  # its width, its outlier count
+                outl = 0 if pt.ocnt is None else torch.where(exact, 0, pt.ocnt.long()) * (db + 1)  # value, index
+                total += int((codes + outl + per_row).sum()) + 4 * pt.zero.numel()  # zero/scale: per token (layer)
             if st.k is not None:
                 total += 2 * st.k.numel() * db
         return total, "quant"

@@ -77,7 +77,8 @@ METHODS = {
     "infinipot": {"name": "infinipot", "budget": 32, "cap_prompt": "Summarize."},
     "uniform4": {"name": "uniform", "bits": 4},
     "uniform3-groups": {"name": "uniform", "bits": 3, "group_size": 8, "residual": 5},
-    "kivi2": {"name": "kivi", "bits": 2, "group_size": 8, "residual": 12},
+    "kivi2": {"name": "kivi", "bits": 2, "group_size": 8, "residual": 16},
+    "kivi2-grouped": {"name": "kivi", "bits": 2, "group_size": 8, "residual": 12, "residual_rule": "grouped"},
     "qaq": {"name": "qaq", "residual": 4},
 }
 
@@ -90,9 +91,9 @@ def hand_promise(name, n, B, L=2, H=2, D=16, db=4):
     if name in ("streaming_llm", "h2o", "tova", "snapkv", "scissorhands"):
         return 24 * tok
     if name == "uniform4":  # residual 0: the last token is still in full precision (it moves before the next forward)
-        return L * H * B * ((n - 1) * 2 * (8 + 1 + 4) + 1 * 2 * D * db)
+        return L * H * B * ((n - 1) * 2 * (8 + 4) + 1 * 2 * D * db)  # codes, zero/scale (fixed width)
     if name == "uniform3-groups":  # groups of 8 channels: 2 zero/scale pairs per row; 5 + 1 rows in full precision
-        return L * H * B * ((n - 6) * 2 * (6 + 1 + 2 * 4) + 6 * 2 * D * db)
+        return L * H * B * ((n - 6) * 2 * (6 + 2 * 4) + 6 * 2 * D * db)
     return None
 
 

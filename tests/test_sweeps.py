@@ -59,14 +59,16 @@ def test_qaq_experiment_launches_and_selects(tmp_path):
     out = run_cli(["experiment=qaq_table1", "scale=cpu", "method=full", "task.max_tokens=100", "progress=false",
                    f"results_dir={tmp_path}"], threads=1)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert [p.parent.parent.name for p in _done(tmp_path)] == ["full"]
+    done = _done(tmp_path)  # the full cache of stories260k and of the random head_dim-128 model (byte columns)
+    assert [p.parent.parent.name for p in done] == ["full", "full"]
+    assert sorted(p.parent.parent.parent.name for p in done) == ["random", "stories260k"]
     # a grid value selects its own entry: key and value error targets move together
-    out = run_cli(["experiment=qaq_table1", "scale=cpu", "method.key_error=0.2", "task.max_tokens=100",
+    out = run_cli(["experiment=qaq_table1", "scale=cpu", "method.key_error=2.0", "task.max_tokens=100",
                    "progress=false", f"results_dir={tmp_path}"], threads=1)
     assert out.returncode == 0, out.stderr[-3000:]
     (qaq,) = [p for p in _done(tmp_path) if p.parent.parent.name == "qaq"]
     cfg = (qaq.parent / "config.yaml").read_text()
-    assert "key_error: 0.2" in cfg and "value_error: 0.2" in cfg
+    assert "key_error: 2.0" in cfg and "value_error: 2.0" in cfg
 
 
 def test_bad_point_does_not_abort_the_sweep_and_the_sweep_reports(tmp_path, monkeypatch):

@@ -535,7 +535,7 @@ def _byte_cells(r: Run, full: Run | None) -> list[str]:
 BYTE_COLS = ["compression (bytes)", "compression (bits)", "device KiB", "offloaded KiB"]
 BYTE_NOTE = ("Compression (bytes): the bytes a full cache holds for the same tokens over the bytes this cache held "
              "on the compute device at its peak (codes, zero points and scales, outliers with their indices, "
-             "per-row widths and offsets, the full-precision residual window). Compression (bits): 16 over the "
+             "per-row widths and outlier counts, the full-precision residual window). Compression (bits): 16 over the "
              "average bits per element, as the QAQ paper counts them (codes at their width, 16-bit zero/scale per "
              "group, outliers at 16 bits plus their index, full-precision elements at 16 bits), at the end of each "
              "window. Device KiB: the peak of those bytes; offloaded KiB: QAQ's full-precision copy held off the "

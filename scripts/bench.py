@@ -304,6 +304,20 @@ def hf_quant_cache(entry: dict, model):
                           residual_length=int(entry.get("residual_length", 128)))
 
 
+def stamp() -> tuple[float, float]:
+    """(wall clock, CPU time of this process) now."""
+    return time.perf_counter(), time.process_time()
+
+
+def timings(t0, prefill_end, marks, device) -> dict:
+    """Prefill time and the decode steps (differences of successive marks). On CPU the times are CPU seconds of the
+    measuring process (one thread): on a shared machine the wall clock also counts the time spent waiting for a core.
+    On CUDA they are wall seconds after a synchronize. The wall clock is kept beside them."""
+    k = 1 if device.type == "cpu" else 0
+    return {"prefill_s": prefill_end[k] - t0[k], "steps": [b[k] - a[k] for a, b in zip(marks, marks[1:])],
+            "prefill_wall_s": prefill_end[0] - t0[0], "wall_steps": [b[0] - a[0] for a, b in zip(marks, marks[1:])]}
+
+
 class StampStreamer:
     """A transformers streamer that records when each put() happens (the prompt first, then every new token)."""
 
@@ -314,11 +328,11 @@ class StampStreamer:
 
     def put(self, value) -> None:
         sync(self.device)
-        now = time.perf_counter()
+        now = stamp()
         if len(self.stamps) == 1:  # the first new token: the prefill is over
             self.prefill_peak = self.mem.peak()
             self.mem.reset()
-            now = time.perf_counter()
+            now = stamp()
         self.stamps.append(now)
 
     def end(self) -> None:
@@ -334,7 +348,7 @@ def run_generate(model, entry, ids, new_tokens, device) -> dict:
     gc.collect()
     mem.start()
     sync(device)
-    t0 = time.perf_counter()
+    t0 = stamp()
     with torch.inference_mode():
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
                              min_new_tokens=new_tokens, do_sample=False, use_cache=True, streamer=streamer,
@@ -343,8 +357,7 @@ def run_generate(model, entry, ids, new_tokens, device) -> dict:
     st = streamer.stamps  # [prompt, token 1 (after the prefill), token 2, ..., token n]
     if out.sequences.shape[1] != ids.shape[1] + new_tokens or len(st) != new_tokens + 1:
         raise RuntimeError(f"generate made {out.sequences.shape[1] - ids.shape[1]} tokens, not {new_tokens}")
-    steps = [b - a for a, b in zip(st[1:], st[2:])]
-    return {"prefill_s": st[1] - t0, "steps": steps, "cache_bytes": hf_cache_bytes(out.cache), "cache_aux": 0,
+    return {**timings(t0, st[1], st[1:], device), "cache_bytes": hf_cache_bytes(out.cache), "cache_aux": 0,
             "prefill_peak": streamer.prefill_peak, "decode_peak": decode_peak, "promise": 0, "promise_kind": "none",
             "forwards": None}
 
@@ -361,7 +374,7 @@ def run_kvx(engine: Engine, ids, new_tokens, chunk, device) -> dict:
         sync(device)
         marks["prefill_peak"] = mem.peak()
         mem.reset()
-        marks["prefill_end"] = time.perf_counter()
+        marks["prefill_end"] = stamp()
         return out
 
     def counted_forward(cache, input_ids, *a, **kw):
@@ -370,25 +383,23 @@ def run_kvx(engine: Engine, ids, new_tokens, chunk, device) -> dict:
 
     def on_step(cache) -> None:
         sync(device)
-        stamps.append(time.perf_counter())
+        stamps.append(stamp())
 
     engine.prefill, engine.forward = timed_prefill, counted_forward  # instance attributes: generate() uses them
     try:
         gc.collect()
         mem.start()
         sync(device)
-        t0 = time.perf_counter()
+        t0 = stamp()
         gen = engine.generate(ids, max_new_tokens=new_tokens, eos_token_id=[], chunk_size=chunk, on_step=on_step)
         decode_peak = mem.peak()
     finally:
         del engine.prefill, engine.forward
     if any(len(t) != new_tokens for t in gen.tokens) or len(stamps) != new_tokens:
         raise RuntimeError(f"kvx generate made {len(stamps)} steps, not {new_tokens}")
-    times = [marks["prefill_end"], *stamps]
-    steps = [b - a for a, b in zip(times, times[1:])]
     cache = gen.cache
     pb, kind = promise(engine.method, engine.arch, ids.shape[0], forwards, cache)
-    return {"prefill_s": marks["prefill_end"] - t0, "steps": steps, "cache_bytes": cache.nbytes(),
+    return {**timings(t0, marks["prefill_end"], [marks["prefill_end"], *stamps], device), "cache_bytes": cache.nbytes(),
             "cache_aux": cache.aux_nbytes(), "prefill_peak": marks["prefill_peak"], "decode_peak": decode_peak,
             "promise": pb, "promise_kind": kind, "forwards": len(forwards)}
 
@@ -547,6 +558,8 @@ def summarise(key: tuple, reps: list[dict]) -> dict:
     step_medians = [statistics.median(r["steps"]) for r in ok]
     row.update({"status": "ok", "repeats": len(ok), "prefill_s": med("prefill_s"),
                 "decode_s_tok": statistics.median(step_medians), "decode_steps": len(ok[0]["steps"]),
+                "prefill_wall_s": med("prefill_wall_s"),
+                "decode_wall_s_tok": statistics.median(statistics.median(r["wall_steps"]) for r in ok),
                 "prefill_peak": med("prefill_peak"), "decode_peak": med("decode_peak"),
                 "cache_bytes": ok[-1]["cache_bytes"], "cache_aux": ok[-1]["cache_aux"],
                 "promise": ok[-1]["promise"], "promise_kind": ok[-1]["promise_kind"]})
@@ -740,7 +753,11 @@ def write_report(res: dict, evals: list[dict], goals: list[dict], out_dir: Path,
          f"{grid['repeats']} sweep(s) of the grid. Budget {res['budget']} tokens per KV head and layer for every "
          "eviction method (InfiniPot: a pot of that size).",
          "Decode time per token = median over the steps of one decode step for the whole batch (forward + token "
-         "pick). Peak memory = peak resident set during the phase minus the resident set before the call "
+         "pick). "
+         + ("Times are CPU seconds of the measuring process (time.process_time; one thread): the machine is shared, "
+            "and the wall clock (kept in the table and bench.json) also counts the time spent waiting for a core. "
+            if env["device_type"] == "cpu" else "Times are wall seconds after a CUDA synchronize. ")
+         + "Peak memory = peak resident set during the phase minus the resident set before the call "
          + ("(each point in its own forked process; VmHWM reset through /proc/self/clear_refs at each phase; glibc's "
             "mmap threshold fixed at 1 MiB so freed tensors leave the resident set)." if env["isolated"] else
             "(CUDA allocator peak, reset at each phase)."),
@@ -771,14 +788,16 @@ def write_report(res: dict, evals: list[dict], goals: list[dict], out_dir: Path,
           "|---|---:|---|---|"]
     L += [f"| {g['goal']} | {g['figure']} | {g['target']} | {g['verdict']} |" for g in goals]
     L += ["", "## Measurements\n",
-          "| model | B | context | system | prefill s | decode ms/token | tok/s | prefill peak MiB | decode peak MiB | "
-          "cache MiB | promise MiB | cache / promise | aux MiB |", "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+          "| model | B | context | system | prefill s | decode ms/token | tok/s | wall: prefill s, decode ms/token | "
+          "prefill peak MiB | decode peak MiB | cache MiB | promise MiB | cache / promise | aux MiB |",
+          "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in res["rows"]:
         if r["status"] != "ok":
             L.append(f"| {r['model']} | {r['batch']} | {r['context']} | {r['system']} | {r['status']} |||||||||")
             continue
         L.append(f"| {r['model']} | {r['batch']} | {r['context']} | {r['system']} | {r['prefill_s']:.3f} | "
-                 f"{1e3 * r['decode_s_tok']:.2f} | {r['tok_s']:.1f} | {fmt(r['prefill_peak'], '.1f', 1 / MIB)} | "
+                 f"{1e3 * r['decode_s_tok']:.2f} | {r['tok_s']:.1f} | {r['prefill_wall_s']:.2f}, "
+                 f"{1e3 * r['decode_wall_s_tok']:.1f} | {fmt(r['prefill_peak'], '.1f', 1 / MIB)} | "
                  f"{fmt(r['decode_peak'], '.1f', 1 / MIB)} | {r['cache_bytes'] / MIB:.2f} | "
                  f"{fmt(r['promise'] or None, '.2f', 1 / MIB)} | {fmt(r['promise_ratio'], '.4f')} | "
                  f"{r['cache_aux'] / MIB:.2f} |")

@@ -144,6 +144,7 @@ def test_transformers_cache_bytes(bench, tiny):
 def row(system, B, T, dec, prefill_peak=100.0, cache=1000, promise=1000, kind="exact"):
     r = {"model": "gqa", "system": system, "batch": B, "context": T, "status": "ok", "prefill_s": 1.0,
          "decode_s_tok": dec, "tok_s": B / dec, "prefill_peak": prefill_peak, "decode_peak": 50.0,
+         "prefill_wall_s": 2.0, "decode_wall_s_tok": 2 * dec,
          "cache_bytes": cache, "cache_aux": 0, "promise": promise, "promise_kind": kind}
     r["promise_ratio"] = cache / promise if promise else None
     return r

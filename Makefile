@@ -31,9 +31,10 @@ lint: $(STAMP)
 bench: $(STAMP)  ## speed and memory per method (default grid) into outputs/bench/; ARGS="bench=scale": 1k..16k tokens
 	$(THREADS) $(BIN)/python scripts/bench.py $(ARGS)
 
-bench-results: $(STAMP)  ## both grids into results/bench/ (the committed tables)
+bench-results: $(STAMP)  ## the three grids into results/bench/ (the committed tables)
 	$(THREADS) $(BIN)/python scripts/bench.py out=results/bench $(ARGS)
 	$(THREADS) $(BIN)/python scripts/bench.py bench=scale out=results/bench $(ARGS)
+	$(THREADS) $(BIN)/python scripts/bench.py bench=scale_b8 out=results/bench $(ARGS)
 
 gpu-check: $(STAMP)  ## on a GPU machine: Triton kernels natively against their twins, the CUDA grid, decode bandwidth
 	bash scripts/gpu_check.sh $(ARGS)

@@ -273,7 +273,7 @@ def test_a_point_past_its_timeout_is_stopped(bench, tiny):
 
 
 def test_grids_compose_and_a_point_may_name_its_models(bench):
-    for grid in ("default", "scale", "cuda"):
+    for grid in ("default", "scale", "scale_b8", "cuda"):
         cfg = bench_cfg([f"bench={grid}"])
         pts = bench.grid_points(cfg)
         assert pts and cfg.name == grid

@@ -510,11 +510,14 @@ def measure(cfg: DictConfig) -> dict:
         os.environ["MALLOC_TRIM_THRESHOLD_"] = str(2**20)
     runs: dict[tuple, list[dict]] = {}
     t_start = time.perf_counter()
-    budget_s = 60 * float(grid.get("max_minutes") or "inf")
+    budget_s = 60 * float("inf" if grid.get("max_minutes") is None else grid["max_minutes"])
     for rep in range(int(grid["repeats"])):
         for model_key, B, T, names in points:
             for name in names:
-                if rep and time.perf_counter() - t_start > budget_s:  # later sweeps only while time is left
+                if time.perf_counter() - t_start > budget_s:  # past the grid's time budget: listed, not run
+                    if not rep:
+                        runs.setdefault((model_key, name, B, T), []).append(
+                            {"status": f"not run: past the grid's time budget (grid.max_minutes={grid['max_minutes']})"})
                     continue
                 job = {"model": models[model_key][0], "tokenizer": models[model_key][1], "entry": entries[name],
                        "grid": grid, "budget": int(cfg.budget), "batch": B, "context": T, "seed": int(cfg.seed),

@@ -279,5 +279,16 @@ def test_grids_compose_and_a_point_may_name_its_models(bench):
         assert pts and cfg.name == grid
     pts = bench.grid_points(bench_cfg())
     assert ("gqa", 8, 1024) in {p[:3] for p in pts} and ("mha", 8, 1024) not in {p[:3] for p in pts}
-    scale = {p[:3]: p[3] for p in bench.grid_points(bench_cfg(["bench=scale"]))}
-    assert scale[("gqa", 1, 16384)] == [bench.system_label(e, 512) for e in bench_cfg().systems]
+    scale: dict = {}
+    for p in bench.grid_points(bench_cfg(["bench=scale"])):
+        scale.setdefault(p[:3], []).extend(p[3])
+    assert sorted(scale[("gqa", 1, 16384)]) == sorted(bench.system_label(e, 512) for e in bench_cfg().systems)
+
+
+def test_points_past_the_time_budget_are_listed_not_run(bench, tmp_path):
+    tiny = ", ".join(f"{k}: {v}" for k, v in TINY.items())
+    cfg = bench_cfg([f"models.gqa={{{tiny}}}", "grid.models=[gqa]", "grid.new_tokens=2", "grid.warmup_tokens=10",
+                     "grid.points=[{batch: 1, contexts: [20], systems: [full, h2o]}]", "budget=8", "isolate=none",
+                     "+grid.max_minutes=0", "eval.enabled=false", f"out={tmp_path}"])
+    rows = bench.measure(cfg)["rows"]
+    assert [r["status"] for r in rows] == ["not run: past the grid's time budget (grid.max_minutes=0)"] * 2

@@ -57,6 +57,7 @@ def environment(device: str) -> dict:
     import transformers
 
     import kvx
+    from kvx.provenance import source_digest
 
     env = {
         "python": sys.version.split()[0],
@@ -67,6 +68,7 @@ def environment(device: str) -> dict:
         "device": device,
         "torch_threads": torch.get_num_threads(),
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "kvx_source_digest": source_digest(),  # sha256 of kvx/**/*.py as run (scripts/aggregate.py checks it)
     }
     try:
         env["git_commit"] = subprocess.run(

@@ -76,6 +76,32 @@ class Run:
             return []
         return [json.loads(line) for line in self.outputs_path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
+    @property
+    def digest(self) -> str | None:
+        """The digest of the kvx source the run executed (env.json; None for runs made before it was recorded)."""
+        env = self.run_dir / "env.json"
+        return json.loads(env.read_text(encoding="utf-8")).get("kvx_source_digest") if env.is_file() else None
+
+    @property
+    def stale(self) -> bool:
+        """Made from a kvx source other than this checkout's (or from an unrecorded one)."""
+        return self.metrics is not None and self.digest != checkout_digest()
+
+
+@functools.cache
+def checkout_digest() -> str:
+    from kvx.provenance import source_digest
+
+    return source_digest(REPO / "kvx")
+
+
+STALE_MARK = "‡"
+
+
+def label(run: Run, text: str) -> str:
+    """A row's label, marked when the run was made from another kvx source than this checkout's."""
+    return f"{text} {STALE_MARK}" if run.stale else text
+
 
 @dataclass
 class Plan:
@@ -176,13 +202,16 @@ class Table:
 
 @dataclass
 class Section:
-    """One scale of one experiment: the main table (also the CSV), more tables, figures (paths relative to repo)."""
+    """One scale of one experiment: the main table (also the CSV), more tables, figures (paths relative to repo).
+    heading: what the rows are (model, data, window or pot); claim: the paper's claim they test, in one sentence."""
 
     scale: str
     model: str
     main: Table
     extra: list[Table] = field(default_factory=list)
     figures: list[tuple[str, Path]] = field(default_factory=list)
+    heading: str = ""
+    claim: str = ""
 
 
 def fmt(x, digits: int = 3) -> str:
@@ -205,6 +234,94 @@ def ratio(x) -> str:
     return "–" if x is None else f"{x:.2f}×"
 
 
+# ---------------------------------------------------------------------------------------------------------------------
+# uncertainty: bootstrap over the windows, sequences or examples of a run (outputs.jsonl), fixed seed
+BOOT = 2000  # resamples
+
+
+def units(run: Run) -> tuple[list[float], list[int]] | None:
+    """(summed nll, scored tokens) per window or sequence from outputs.jsonl; None when the run has no such rows."""
+    sums, counts = [], []
+    for o in run.outputs():
+        n = o.get("scored", o.get("tokens"))
+        if not isinstance(o.get("nll"), (int, float)) or not n:
+            return None
+        sums.append(o["nll"] * n)
+        counts.append(n)
+    return (sums, counts) if len(sums) > 1 else None
+
+
+def _resample(k: int):
+    import numpy as np
+
+    return np.random.default_rng(0).integers(0, k, size=(BOOT, k))  # the same draws for every run of k units
+
+
+def ppl_boot(run: Run):
+    """Bootstrap perplexities [BOOT] (resampling windows or sequences), or None."""
+    import numpy as np
+
+    u = units(run)
+    if u is None:
+        return None
+    s, c = np.array(u[0]), np.array(u[1], dtype=float)
+    idx = _resample(len(s))
+    return np.exp(s[idx].sum(1) / c[idx].sum(1))
+
+
+def interval(boot) -> tuple[float, float] | None:
+    import numpy as np
+
+    if boot is None:
+        return None
+    lo, hi = np.percentile(boot, [2.5, 97.5])
+    return float(lo), float(hi)
+
+
+def ppl_interval(run: Run) -> tuple[float, float] | None:
+    return interval(ppl_boot(run))
+
+
+def paired_diff(a: Run, b: Run) -> tuple[float, tuple[float, float]] | None:
+    """ppl(a) - ppl(b) with a 95% interval resampling the same windows or sequences for both (None: not paired)."""
+    ua, ub = units(a), units(b)
+    if ua is None or ub is None or ua[1] != ub[1]:
+        return None
+    return a.metrics["ppl"] - b.metrics["ppl"], interval(ppl_boot(a) - ppl_boot(b))
+
+
+def mean_interval(values: list[float]) -> tuple[float, float] | None:
+    """95% bootstrap interval of a mean over examples."""
+    import numpy as np
+
+    if len(values) < 2:
+        return None
+    v = np.array(values, dtype=float)
+    return interval(v[_resample(len(v))].mean(1))
+
+
+def with_ci(x, ci, digits: int = 3) -> str:
+    if x is None:
+        return "–"
+    return fmt(x, digits) if ci is None else f"{x:.{digits}f} ({ci[0]:.{digits}f}–{ci[1]:.{digits}f})"
+
+
+def overlaps(a, b) -> bool:
+    return a is not None and b is not None and a[0] <= b[1] and b[0] <= a[1]
+
+
+CI_NOTE = ("Parentheses: 95% bootstrap interval ({what}, {n} resamples, seed 0). ≈: the interval overlaps that of "
+           "the best method in the same column (not distinguishable from it at this sample size); *: the best.")
+
+
+def mark_best(cells: list[tuple[int, float, tuple | None]], lower_is_better: bool = True) -> dict[int, str]:
+    """{row: '*' | '≈' | ''} for (row, value, interval) of one column: the best, and those overlapping it."""
+    if not cells:
+        return {}
+    best = (min if lower_is_better else max)(cells, key=lambda c: c[1])
+    return {i: "*" if i == best[0] else ("≈" if overlaps(ci, best[2]) else "") for i, _, ci in cells}
+
+
 def budget_of(run: Run):
     return run.get("method.budget")
 
@@ -214,10 +331,31 @@ def budget_key(b) -> tuple:
 
 
 def mode_note(runs: list[Run]) -> str:
-    modes = sorted({r.mode for r in runs})
-    what = {"masked": "masked: one parallel forward with each policy's mask",
-            "stream": "stream: token-by-token decoding through the real cache"}
-    return "Mode: " + "; ".join(what.get(m, m) for m in modes) + "."
+    """How the runs fed their inputs: masked, or stream with how each kind of run was fed."""
+    parts = []
+    if any(r.mode == "masked" for r in runs):
+        parts.append("masked: one parallel forward with each policy's mask")
+    stream = [r for r in runs if r.mode == "stream"]
+    kinds = []
+    for r in stream:
+        task = r.cfg["task"].get("type")
+        if r.method == "infinipot":
+            k = ("InfiniPot's pot: the input fed in chunks that fill the pot (|M| minus the catalyst prompt minus the "
+                 "tokens held), distilled to |C| whenever the next chunk would not fit")
+        elif r.method == "full":
+            k = "the full cache keeps every token"
+        elif r.get("task.prefill") == "full":
+            k = "prefill=full: the context in one forward, compressed afterwards, then the scored tokens one at a time"
+        elif task in ("perplexity", "pot_ppl"):
+            k = "other methods: token by token through the real cache"
+        else:
+            k = ("other methods: the prompt in one forward, evicted to the budget afterwards, then the answer decoded "
+                 "token by token")
+        if k not in kinds:
+            kinds.append(k)
+    if stream:
+        parts.append("stream (real cache): " + "; ".join(kinds))
+    return "Mode: " + "; ".join(parts) + "."
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -379,6 +517,52 @@ def _full(runs: list[Run], mode: str | None = None) -> Run | None:
     return cands[0] if cands else None
 
 
+# names a title may use, and what a run must hold for its title to use them (tests/test_aggregate.py checks titles)
+MODEL_NAMES = {"llama2-7b": "Llama-2-7B", "llama2-13b": "Llama-2-13B", "mistral-7b": "Mistral-7B",
+               "falcon-7b": "Falcon-7B", "llama3-8b": "Llama-3-8B", "qwen2.5-7b": "Qwen2.5-7B",
+               "stories260k": "stories260k"}
+DATA_NAMES = {"tinystories": "TinyStories", "wikitext2": "WikiText-2", "wikitext103": "WikiText-103", "pg19": "PG-19",
+              "longbench": "LongBench", "needle": "Paul Graham essays", "xsum": "XSum", "cnn_dailymail": "CNN/DailyMail",
+              "multi_news": "Multi-News", "hellaswag": "HellaSwag", "piqa": "PIQA", "mathqa": "MathQA", "boolq": "BoolQ",
+              "c4": "C4"}
+
+
+def model_name(run: Run) -> str:
+    return MODEL_NAMES.get(run.model, run.model)
+
+
+def data_name(run: Run) -> str:
+    task = run.cfg["task"]
+    key = task.get("dataset") if task.get("dataset") in DATA_NAMES else task.get("type", task["name"])
+    return DATA_NAMES.get(key, DATA_NAMES.get(task["name"], task["name"]))
+
+
+def names_used(runs: list[Run]) -> set[str]:
+    """The model and data names (display and config spellings) the runs really use."""
+    out = set()
+    for r in runs:
+        out |= {r.model, model_name(r), data_name(r), r.cfg["task"]["name"], str(r.cfg["task"].get("dataset"))}
+    return {n.lower() for n in out}
+
+
+def title_problems(title: str, runs: list[Run]) -> list[str]:
+    """Model or data names in `title` that none of `runs` uses."""
+    used = names_used(runs)
+    known = {n.lower() for n in [*MODEL_NAMES, *MODEL_NAMES.values(), *DATA_NAMES.values()]}
+    low = title.lower()
+    return sorted(n for n in known if n in low and n not in used
+                  and not any(n in u for u in used))  # "LongBench" inside "LongBench-format" is used
+
+
+def _one(values) -> str:
+    vals = list(dict.fromkeys(values))
+    return vals[0] if len(vals) == 1 else " and ".join(str(v) for v in vals)
+
+
+def cpu_prefix(p: Plan, what: str) -> str:
+    return f"CPU analog of {what}" if p.scale == "cpu" else what[0].upper() + what[1:]
+
+
 @layout("eviction_ppl")
 def eviction_table(p: Plan, figures: Path) -> Section:
     runs = p.done
@@ -389,28 +573,41 @@ def eviction_table(p: Plan, figures: Path) -> Section:
         if r.method not in methods:
             methods.append(r.method)
     by = {(r.method, budget_of(r) if r.method != "full" else None, r.mode): r for r in runs}
+    cis = {id(r): ppl_interval(r) for r in runs}
     cols = ["method"] + [f"{b} {m}" for b in budgets for m in modes]
+    grid = [[by.get((meth, None if meth == "full" else b, m)) for b in budgets for m in modes] for meth in methods]
+    marks = {}
+    for j in range(len(cols) - 1):  # per column, the best non-full method and those whose interval overlaps it
+        col = [(i, row[j].metrics["ppl"], cis[id(row[j])]) for i, row in enumerate(grid)
+               if row[j] is not None and methods[i] != "full"]
+        for i, m in mark_best(col).items():
+            marks[(i, j)] = m
     rows, cache_rows = [], []
-    for meth in methods:
-        row, crow = [meth], [meth]
+    for i, meth in enumerate(methods):
+        anyrun = next(r for r in grid[i] if r is not None)
+        rows.append([label(anyrun, meth)] + [
+            "–" if r is None else with_ci(r.metrics["ppl"], cis[id(r)]) + marks.get((i, j), "")
+            for j, r in enumerate(grid[i])])
+        crow = [meth]
         for b in budgets:
-            for m in modes:
-                r = by.get((meth, None if meth == "full" else b, m))
-                row.append(fmt(r.metrics["ppl"]) if r else "–")
             r = by.get((meth, None if meth == "full" else b, "stream")) or by.get((meth, None if meth == "full" else b,
                                                                                    "masked"))
             crow.append(kib(r.metrics.get("cache_bytes_peak")) if r else "–")
-        rows.append(row)
         cache_rows.append(crow)
+    n_units = len(units(runs[0])[0]) if units(runs[0]) else 0
     notes = [mode_note(runs), "Budget: tokens kept per KV head and layer, the current one included; the full cache "
-             "keeps every token of the window (its row repeats one number)."]
+             "keeps every token of the window (its row repeats one number).",
+             CI_NOTE.format(what=f"over the {n_units} windows", n=BOOT)]
     gaps = [abs(by[(k[0], k[1], "masked")].metrics["ppl"] - r.metrics["ppl"])
             for k, r in by.items() if k[2] == "stream" and (k[0], k[1], "masked") in by]
     if gaps:
         notes.append(f"Masked versus stream: largest |ppl difference| {max(gaps):.2e} over {len(gaps)} pairs.")
+    notes += _h2o_vs_streaming(by, budgets, modes)
     task = runs[0].cfg["task"]
-    title = (f"Perplexity, {task['name']} first {task.get('max_tokens')} tokens, windows of {task.get('window')} "
-             f"({p.runs[0].model})")
+    heading = cpu_prefix(p, f"the eviction baselines at equal budget: {_one(model_name(r) for r in runs)}, "
+                            f"{_one(data_name(r) for r in runs)}, {task.get('window')}-token windows "
+                            f"(first {task.get('max_tokens')} tokens)")
+    title = f"Perplexity (95% interval) per budget and mode, {_one(data_name(r) for r in runs)} ({p.runs[0].model})"
     cache = Table("Measured peak cache (KiB) per budget (stream mode where run)", ["method"] + [str(b) for b in budgets],
                   cache_rows)
     full = _full(runs)
@@ -432,7 +629,256 @@ def eviction_table(p: Plan, figures: Path) -> Section:
     path = figure_path(figures, p, "pareto")
     plot_pareto(pts, path, f"{p.experiment} ({p.scale}, {p.runs[0].model}, {modes[-1]})", "perplexity", ref)
     figs.append((f"perplexity versus measured cache ({modes[-1]})", path))
-    return Section(p.scale, p.runs[0].model, Table(title, cols, rows, notes), [cache], figs)
+    claim = ("H2O (Zhang et al., 2023) and the other scored policies claim to beat a recent window with attention sinks "
+             "(StreamingLLM) at the same budget.")
+    return Section(p.scale, p.runs[0].model, Table(title, cols, rows, notes), [cache], figs, heading, claim)
+
+
+def _h2o_vs_streaming(by: dict, budgets: list, modes: list[str]) -> list[str]:
+    """The paired difference H2O - StreamingLLM per budget, and what it says about H2O's claim."""
+    mode = "masked" if "masked" in modes else modes[0]
+    diffs = []
+    for b in budgets:
+        h, s = by.get(("h2o", b, mode)), by.get(("streaming_llm", b, mode))
+        d = paired_diff(h, s) if h and s else None
+        if d is not None:
+            diffs.append((b, d))
+    if not diffs:
+        return []
+    text = ", ".join(f"{b}: {d:+.3f} ({ci[0]:+.3f} to {ci[1]:+.3f})" for b, (d, ci) in diffs)
+    out = [f"H2O minus StreamingLLM perplexity ({mode}, paired bootstrap over the same windows), per budget: {text}."]
+    worse = [b for b, (d, ci) in diffs if ci[0] > 0]
+    if worse:
+        out.append(f"This contradicts H2O's claim at budget {', '.join(map(str, worse))}: StreamingLLM is better here "
+                   "and the interval excludes 0. Likely reason: in 512-token windows of short, simple stories the next "
+                   "token depends mostly on the last few dozen tokens, and H2O spends half its budget on heavy hitters "
+                   "(accumulated attention favours early positions) where StreamingLLM keeps more recent tokens.")
+    return out
+
+
+PAPER_MISSING = "paper value not transcribed"
+
+
+@layout("less_llama2_7b")
+def less_lm(p: Plan, figures: Path) -> Section:
+    """LESS's language-modelling comparison: each policy, its Baseline+ (as many bytes as LESS's state), LESS."""
+    runs = p.done
+    cis = {id(r): ppl_interval(r) for r in runs}
+    cols = ["method", "policy", "budget", "role", "mode", "ppl (95% interval)", "cache KiB", "LESS paper"]
+    base_budgets = sorted({r.get("method.base.budget") for r in runs if r.method == "less"}, key=budget_key)
+
+    def role(r: Run) -> str:
+        if r.method == "full":
+            return "full cache"
+        if r.method == "less":
+            return "LESS"
+        return "policy" if budget_of(r) in base_budgets else "Baseline+"
+
+    rows = []
+    for r in runs:
+        pol = r.get("method.base.name") if r.method == "less" else ("–" if r.method == "full" else r.method)
+        b = r.get("method.base.budget") if r.method == "less" else budget_of(r)
+        rows.append([label(r, r.method), pol, fmt(b), role(r), r.mode, with_ci(r.metrics["ppl"], cis[id(r)]),
+                     kib(r.metrics.get("cache_bytes_peak")), PAPER_MISSING])
+    notes = [mode_note(runs), "Budget: tokens kept per KV head and layer (LESS: its policy's budget, plus the low-rank "
+             "state in the measured bytes). Baseline+: the policy given as many extra tokens as the bytes of LESS's "
+             "state.", CI_NOTE.format(what="over the windows", n=BOOT).split(" ≈:")[0],
+             f"LESS paper: Llama-2-7B on WikiText-2 and PG-19 with 4096-token windows; {PAPER_MISSING} (this scale "
+             "runs another model and data, so compare trends, not values)."]
+    notes += _less_claims(runs, base_budgets)
+    heading = cpu_prefix(p, f"LESS's language-modelling comparison: {_one(model_name(r) for r in runs)}, "
+                            f"{_one(data_name(r) for r in runs)}, {runs[0].cfg['task'].get('window')}-token windows "
+                            f"(first {runs[0].cfg['task'].get('max_tokens')} tokens)")
+    claim = ("LESS claims its low-rank state recovers much of the perplexity the policies lose, more than giving the "
+             "policy the state's bytes as extra tokens (Baseline+).")
+    title = f"Perplexity per policy, Baseline+ and LESS, {_one(data_name(r) for r in runs)} ({p.runs[0].model})"
+    return Section(p.scale, p.runs[0].model, Table(title, cols, rows, notes), [], [], heading, claim)
+
+
+def _less_claims(runs: list[Run], base_budgets: list) -> list[str]:
+    out = []
+    for r in runs:
+        if r.method != "less" or r.mode != "masked":
+            continue
+        pol, b = r.get("method.base.name"), r.get("method.base.budget")
+        policy = [q for q in runs if q.method == pol and q.mode == r.mode and budget_of(q) == b]
+        plus = [q for q in runs if q.method == pol and q.mode == r.mode and budget_of(q) not in base_budgets
+                and budget_of(q) > b and budget_of(q) - b <= 8]
+        for name, other in (("its policy", policy), ("Baseline+", plus)):
+            d = paired_diff(r, other[0]) if other else None
+            if d is None:
+                continue
+            verdict = "better" if d[1][1] < 0 else ("worse" if d[1][0] > 0 else "not distinguishable")
+            out.append(f"LESS ({pol}, {b}) minus {name} ({budget_of(other[0])}): {d[0]:+.3f} "
+                       f"({d[1][0]:+.3f} to {d[1][1]:+.3f}, paired over the windows): {verdict}.")
+    return out
+
+
+def _pot(r: Run) -> tuple:
+    """(|M|, |C|) of a pot run; an unbounded run is filed under the pot it compresses to (its budget)."""
+    if r.method == "infinipot":
+        b = r.get("method.budget")
+        return b, r.get("method.keep") or b // 2
+    b = budget_of(r)
+    return (b, b // 2) if b is not None else (None, None)
+
+
+def _scorer(r: Run) -> str:
+    if r.method == "infinipot":
+        s = r.get("method.scorer")
+        return "InfiniPot (cap_nuc)" if s == "cap_nuc" else s
+    if r.get("task.prefill") == "full":
+        return f"{r.method}, full prefill (unbounded)"
+    return "full cache (unbounded)" if r.method == "full" else r.method
+
+
+def _fill(r: Run) -> str:
+    if r.method != "infinipot":
+        return "whole input" if r.method == "full" else "whole context, then 1"
+    b = r.get("method.budget")
+    return f"{b} − prompt" if r.get("method.scorer") in ("cap_nuc", "cap") else str(b)
+
+
+@layout("infinipot_tinystories_pot")
+def infinipot_pot(p: Plan, figures: Path) -> Section:
+    runs = p.done
+    cis = {id(r): ppl_interval(r) for r in runs}
+    keeps = sorted({_pot(r)[1] for r in runs if r.method == "infinipot"}, reverse=True)
+    cols = ["|M| pot", "|C| kept", "context fill", "scorer", "CR-RoPE", "ppl (95% interval)", "cache KiB",
+            "InfiniPot paper"]
+    rows = []
+    full = [r for r in runs if r.method == "full"]
+    for r in full:
+        rows.append(["–", "–", _fill(r), label(r, _scorer(r)), "–", with_ci(r.metrics["ppl"], cis[id(r)]),
+                     kib(r.metrics.get("cache_bytes_peak")), PAPER_MISSING])
+    for c in keeps:
+        group = [r for r in runs if r.method != "full" and _pot(r)[1] == c
+                 and (r.method != "infinipot" or r.get("method.cr_rope"))]
+        bounded = [(i, r.metrics["ppl"], cis[id(r)]) for i, r in enumerate(group) if r.method == "infinipot"]
+        marks = mark_best(bounded)
+        for i, r in enumerate(group):
+            rows.append([fmt(r.get("method.budget")), fmt(c), _fill(r), label(r, _scorer(r)),
+                         "on" if r.method == "infinipot" else "–",
+                         with_ci(r.metrics["ppl"], cis[id(r)]) + marks.get(i, ""),
+                         kib(r.metrics.get("cache_bytes_peak")), PAPER_MISSING])
+    ablation = []
+    for c in keeps:
+        for sc in dict.fromkeys(r.get("method.scorer") for r in runs if r.method == "infinipot"):
+            on = [r for r in runs if r.method == "infinipot" and _pot(r) == (2 * c, c) and r.get("method.scorer") == sc]
+            by = {r.get("method.cr_rope"): r for r in on}
+            if True in by and False in by:
+                d = paired_diff(by[False], by[True])
+                ablation.append([fmt(2 * c), sc, with_ci(by[True].metrics["ppl"], cis[id(by[True])]),
+                                 with_ci(by[False].metrics["ppl"], cis[id(by[False])]),
+                                 "–" if d is None else f"{d[0]:+.3f} ({d[1][0]:+.3f} to {d[1][1]:+.3f})"])
+    n = len(units(runs[0])[0]) if units(runs[0]) else 0
+    task = runs[0].cfg["task"]
+    notes = [mode_note(runs),
+             "|M|: the pot (tokens per layer and KV head); |C|: tokens kept by each distillation. CaP scorers (cap_nuc, "
+             "cap) reserve room for the catalyst prompt inside the pot, so their context fills |M| − prompt slots "
+             "(chunks of |M| − prompt − |C|); the baselines at |M| = 115 and 51 run at that same fill (|C| 64 and 32), "
+             "those at 128 and 64 fill the whole pot. Unbounded rows hold the whole story at some point (their cache "
+             "KiB says so).",
+             CI_NOTE.format(what=f"over the {n} stories", n=BOOT).replace("the best method in the same column",
+                                                                          "the best pot method of the same |C|"),
+             f"InfiniPot paper: LLaMA-2-7B and Mistral-7B on LongBench; {PAPER_MISSING} (this scale runs another model "
+             "and task, so compare trends, not values)."]
+    notes += _pot_claims(runs, keeps)
+    heading = cpu_prefix(p, f"InfiniPot's pot comparison and Table 3 ablation: {_one(model_name(r) for r in runs)}, "
+                            f"{_one(data_name(r) for r in runs)} stories of {task.get('min_tokens')}-"
+                            f"{task.get('max_tokens')} tokens (last {100 * task.get('tail', 0):.0f}% scored), pots of "
+                            f"{' and '.join(str(2 * c) for c in keeps)} tokens")
+    claim = ("InfiniPot claims CaP + NuC in a fixed pot beat the other scorers in the same pot and approach the "
+             "unbounded baselines (Table 1), and that each of CaP, NuC and CR-RoPE helps (Table 3).")
+    title = f"Perplexity of each story's ending per pot and scorer, CR-RoPE on ({p.runs[0].model})"
+    extra = [Table("CR-RoPE on versus off (the Table 3 ablation)", ["|M| pot", "scorer", "ppl, CR-RoPE on",
+                                                                    "ppl, CR-RoPE off", "off − on (paired, 95%)"],
+                   ablation)] if ablation else []
+    return Section(p.scale, p.runs[0].model, Table(title, cols, rows, notes), extra, [], heading, claim)
+
+
+def _pot_run(runs: list[Run], budget: int, scorer: str, keep=None) -> Run | None:
+    for r in runs:
+        if (r.method == "infinipot" and r.get("method.budget") == budget and r.get("method.scorer") == scorer
+                and r.get("method.cr_rope") and r.get("method.keep") == keep):
+            return r
+    return None
+
+
+def _vs(a: Run, b: Run) -> str:
+    d = paired_diff(a, b)
+    return "–" if d is None else f"{d[0]:+.3f} ({d[1][0]:+.3f} to {d[1][1]:+.3f})"
+
+
+def _pot_claims(runs: list[Run], keeps: list[int]) -> list[str]:
+    """Where the runs agree with InfiniPot's claims and where they contradict them, each from paired differences."""
+    out = []
+    for c in keeps:
+        pot = 2 * c
+        ip, cap, nuc = (_pot_run(runs, pot, s) for s in ("cap_nuc", "cap", "nuc"))
+        if ip and cap and nuc:
+            d = paired_diff(ip, cap)
+            if d and d[1][0] > 0 or nuc.metrics["ppl"] > cap.metrics["ppl"]:
+                out.append(f"Pot {pot}: NuC does not help here (InfiniPot minus CaP only: {_vs(ip, cap)}; NuC only "
+                           f"{nuc.metrics['ppl']:.3f} against CaP only {cap.metrics['ppl']:.3f}), contrary to Table 3. "
+                           "Likely reason: NuC keeps the tokens the model found most surprising (rare names and words "
+                           "in these simple stories), while a story's ending is predicted from its recent plot.")
+        if ip:
+            better = []
+            for sc in ("snapkv", "tova", "h2o", "streaming", "truncation"):
+                same = _pot_run(runs, pot, sc)
+                matched = next((r for r in runs if r.method == "infinipot" and r.get("method.scorer") == sc
+                                and r.get("method.keep") == c and r.get("method.budget") != pot), None)
+                for r, where in ((same, f"pot {pot}"), (matched, f"InfiniPot's fill ({matched and budget_of(matched)})")):
+                    d = paired_diff(r, ip) if r else None
+                    if d and d[0] < 0:
+                        better.append(f"{sc} at {where}: {d[0]:+.3f} ({d[1][0]:+.3f} to {d[1][1]:+.3f})")
+            if better:
+                out.append(f"Pot {pot}: baselines with lower perplexity than InfiniPot (difference, paired 95%): "
+                           + "; ".join(better) + ". This contradicts Table 1 where an interval excludes 0. Likely "
+                           "reason: the catalyst prompt means little to a story model never trained on instructions, "
+                           "so CaP's attention is a weak importance signal.")
+        unb = [r for r in runs if r.get("task.prefill") == "full" and budget_of(r) == pot]
+        if ip and unb:
+            out.append(f"Pot {pot}: InfiniPot minus the full prefill followed by {unb[0].method} (unbounded, compressed "
+                       f"to {pot}): {_vs(ip, unb[0])}.")
+    return out
+
+
+@layout("infinipot_long_pot")
+def infinipot_long(p: Plan, figures: Path) -> Section:
+    runs = p.done
+    cis = {id(r): ppl_interval(r) for r in runs}
+    cols = ["sequence tokens", "|M| pot", "scorer", "CR-RoPE", "ppl (95% interval)", "cache KiB", "InfiniPot paper"]
+    rows, notes_d = [], []
+    lengths = list(dict.fromkeys(r.get("task.concat_tokens") for r in runs))
+    for n in lengths:
+        for r in [r for r in runs if r.get("task.concat_tokens") == n]:
+            cr = "–" if r.method != "infinipot" else ("on" if r.get("method.cr_rope") else "off")
+            rows.append([fmt(n), fmt(r.get("method.budget")), label(r, _scorer(r)), cr,
+                         with_ci(r.metrics["ppl"], cis[id(r)]), kib(r.metrics.get("cache_bytes_peak")), PAPER_MISSING])
+        for sc in dict.fromkeys(r.get("method.scorer") for r in runs if r.method == "infinipot"):
+            by = {r.get("method.cr_rope"): r for r in runs if r.method == "infinipot"
+                  and r.get("task.concat_tokens") == n and r.get("method.scorer") == sc}
+            if True in by and False in by:
+                notes_d.append(f"{n} tokens, {sc}: CR-RoPE off minus on {_vs(by[False], by[True])}")
+    task = runs[0].cfg["task"]
+    notes = [mode_note(runs),
+             f"Every token from position {task.get('score_from')} on is scored, beyond the model's context: with "
+             "CR-RoPE the pot's rotary positions stay below |M|; without it (and for the full cache) positions grow "
+             "with the input, past the range the model was trained on.",
+             CI_NOTE.format(what=f"over the {task.get('limit')} sequences", n=BOOT).split(" ≈:")[0],
+             "Perplexity differences (paired over the same sequences, 95%): " + "; ".join(notes_d) + "."
+             if notes_d else "",
+             f"InfiniPot paper: {PAPER_MISSING}."]
+    heading = cpu_prefix(p, f"InfiniPot's CR-RoPE beyond the context: {_one(model_name(r) for r in runs)}, "
+                            f"{_one(data_name(r) for r in runs)} sequences of "
+                            f"{' and '.join(str(n) for n in lengths)} tokens scored from position "
+                            f"{task.get('score_from')}, a {_one(str(r.get('method.budget')) for r in runs if r.method == 'infinipot')}-token pot")
+    claim = ("InfiniPot claims CR-RoPE lets a pot take inputs far beyond the model's context (its positions stay inside "
+             "the trained range).")
+    title = f"Perplexity beyond the context, CR-RoPE on and off ({p.runs[0].model})"
+    return Section(p.scale, p.runs[0].model, Table(title, cols, rows, [n for n in notes if n]), [], [], heading, claim)
 
 
 def compression(run: Run, full: Run | None) -> float | None:
@@ -668,15 +1114,21 @@ def qaq_table2(p: Plan, figures: Path) -> Section:
     return Section(p.scale, runs[0].model, main, [_qaq_detail(p, runs, tasks)], [])
 
 
+def _point_scores(r: Run, metric: str) -> list[float]:
+    return [float(o[metric]) for o in r.outputs() if isinstance(o.get(metric), (int, float))]
+
+
 @layout("needle_grid")
 def needle_grid(p: Plan, figures: Path) -> Section:
     runs = p.done
     metric = runs[0].cfg["task"].get("heatmap_metric", "rougeL")
-    cols = ["method", "budget", "mean " + metric, "exact", "cache KiB"]
+    cols = ["method", "budget", "exact (95% interval)", f"mean {metric} (95% interval)", "cache KiB"]
     rows, maps = [], []
     for r in runs:
         b = budget_of(r)
-        rows.append([r.method, fmt(b), fmt(r.metrics.get(metric)), fmt(r.metrics.get("exact")),
+        rows.append([label(r, r.method), fmt(b),
+                     with_ci(r.metrics.get("exact"), mean_interval(_point_scores(r, "exact"))),
+                     with_ci(r.metrics.get(metric), mean_interval(_point_scores(r, metric))),
                      kib(r.metrics.get("cache_bytes_peak"))])
         grid = {(o["context_length"], float(o["depth"])): float(o[metric]) for o in r.outputs()}
         lengths = sorted({k[0] for k in grid})
@@ -687,9 +1139,71 @@ def needle_grid(p: Plan, figures: Path) -> Section:
     chunk = runs[0].cfg["task"].get("chunk_size")
     prefill = ("the whole prompt in one forward, evicted down to the budget afterwards" if not chunk
                else f"the prompt in chunks of {chunk} tokens")
-    notes = [mode_note(runs), f"cache KiB: measured peak, prefill included ({prefill})."]
+    task = runs[0].cfg["task"]
+    full = _full(runs)
+    notes = [mode_note(runs), f"cache KiB: measured peak, prefill included ({prefill}).",
+             "Parentheses: 95% bootstrap interval over the grid points (seed 0)."]
+    if full is not None and not full.metrics.get("exact"):
+        notes.append(f"The full cache retrieves no needle (exact {fmt(full.metrics.get('exact'))}): this model cannot "
+                     f"do the task, so these rows test the pipeline, not retrieval; {metric} is word overlap with the "
+                     "answer (stop words included), not evidence of retrieval.")
+    lengths = task.get("context_lengths") or []
+    heading = cpu_prefix(p, f"the needle-in-a-haystack grid: {_one(model_name(r) for r in runs)}, "
+                            f"{_one(data_name(r) for r in runs)} haystacks of {min(lengths)}-{max(lengths)} tokens, "
+                            f"budget {_one(str(budget_of(r)) for r in runs if r.method != 'full')}")
+    claim = "Eviction methods at one budget against the full cache on needle retrieval (no single paper's table)."
     main = Table(f"Needle in a haystack ({p.runs[0].model})", cols, rows, notes)
-    return Section(p.scale, p.runs[0].model, main, [], [(f"{metric} by context length and depth", path)])
+    return Section(p.scale, p.runs[0].model, main, [], [(f"{metric} by context length and depth", path)], heading,
+                   claim)
+
+
+def infinipot_pipeline(p: Plan, figures: Path) -> Section:
+    """InfiniPot's needle or LongBench runs at cpu scale: the generic catalyst versus CaP-Q, beside the full cache."""
+    runs = p.done
+    task = runs[0].cfg["task"]
+    needle = task.get("type") == "needle"
+    metric = "exact" if needle else "average"
+    per = "exact" if needle else "score"
+    cols = ["method", "|M| pot", "catalyst", "exact (95% interval)" if needle else "mean example score (95% interval)"
+            ] + (["rougeL"] if needle else ["LongBench average"]) + ["cache KiB", "InfiniPot paper"]
+    rows = []
+    for r in runs:
+        cat = "–" if r.method != "infinipot" else ("question (CaP-Q)" if r.get("method.cap_question") else "prompt")
+        pts = _point_scores(r, per)
+        value = r.metrics.get(metric) if needle else (sum(pts) / len(pts) if pts else None)
+        row = [label(r, r.method), fmt(r.get("method.budget")), cat, with_ci(value, mean_interval(pts)),
+               fmt(r.metrics.get("rougeL") if needle else r.metrics.get("average"))]
+        rows.append(row + [kib(r.metrics.get("cache_bytes_peak")), PAPER_MISSING])
+    if needle:
+        lengths = task.get("context_lengths") or []
+        data = f"{_one(data_name(r) for r in runs)} haystacks of {min(lengths)}-{max(lengths)} tokens"
+        what = "InfiniPot's needle test"
+        claim = ("InfiniPot claims the pot retrieves needles from haystacks far beyond the context; this model retrieves "
+                 "none even with the full cache, so the rows check the pipeline beyond the context and CaP-Q, not "
+                 "the claim.")
+    else:
+        n = sum(1 for _ in runs[0].outputs())
+        data = f"{n} LongBench-format fixture examples (tests/fixtures/longbench)"
+        what = "InfiniPot's LongBench comparison"
+        claim = ("InfiniPot's LongBench comparison (Table 1) with the generic catalyst and with the question as catalyst "
+                 "(CaP-Q); on a handful of fixture examples and a story model the scores are noise: the rows check the "
+                 "pipeline.")
+    heading = cpu_prefix(p, f"{what}: {_one(model_name(r) for r in runs)}, {data}, a "
+                            f"{_one(str(r.get('method.budget')) for r in runs if r.method == 'infinipot')}-token pot")
+    notes = [mode_note(runs), "Parentheses: 95% bootstrap interval over the examples or grid points (seed 0).",
+             "The full cache's positions pass the model's context where the input is longer than it.",
+             f"InfiniPot paper: {PAPER_MISSING}."]
+    title = f"{'Needle retrieval' if needle else 'LongBench score'}: catalyst prompt versus CaP-Q ({p.runs[0].model})"
+    return Section(p.scale, p.runs[0].model, Table(title, cols, rows, notes), [], [], heading, claim)
+
+
+for _name in ("infinipot_needle_2k", "infinipot_needle_4k", "infinipot_longbench_2k", "infinipot_longbench_4k"):
+    LAYOUTS[_name] = infinipot_pipeline
+
+# experiments whose runs at a scale another table already shows: no table of their own there
+COVERED = {("less_llama2_13b", "cpu"): "less_llama2_7b (the cpu variant of both is one grid)",
+           **{(f"infinipot_table3_{v}", "cpu"): "infinipot_tinystories_pot (one row each of its Table 3 ablation)"
+              for v in ("cap", "no_cap_nuc", "no_cr_rope", "nuc", "nuc25", "nuc50", "nuc75")}}
 
 
 def generic(p: Plan, figures: Path) -> Section:
@@ -742,15 +1256,30 @@ def _link(path: Path, tables: Path) -> str:
 
 def write(experiment: str, sections: list[Section], plans: list[Plan], out: Path) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
-    md = [f"# {experiment}", ""] + describe(experiment) + [""]
+    first = sections[0].heading or f"{experiment} ({sections[0].model})"
+    md = [f"# {first}", "", f"Experiment `{experiment}` (configs/experiment/{experiment}.yaml)."]
+    gpu_only_text = describe(experiment)
     for s, p in zip(sections, plans):
         then = "make tables" if p.command.endswith(f"scale={s.scale}") else (
             f"python scripts/aggregate.py --experiment {experiment} --scale {s.scale} "
             + p.command.split(f"scale={s.scale} ", 1)[1])
-        md += [f"## scale={s.scale} · model {s.model}", "", f"Reproduce: `{p.command}`, then `{then}`.", ""]
+        md += ["", f"## scale={s.scale} · model {s.model}", ""]
+        if len(sections) > 1 and s.heading:
+            md += [f"**{s.heading}**", ""]
+        if s.claim:
+            md += [f"Claim tested: {s.claim}", ""]
+        if gpu_only_text:
+            which = ("The experiment" if p.same_as else "At gpu scale (the paper's setting, not these rows)")
+            md += [f"{which}: {gpu_only_text[0]}", ""]
+        md += [f"Reproduce: `{p.command}`, then `{then}`.", ""]
         if p.same_as:
             md += [f"(This experiment has no {'/'.join(p.same_as)} variant: `scale={p.same_as[0]}` runs these same "
                    "runs.)", ""]
+        stale = [r for r in p.done if r.stale]
+        if stale:
+            md += [f"{STALE_MARK} {len(stale)} of {len(p.done)} runs were made from a kvx source other than this "
+                   f"checkout's (env.json `kvx_source_digest` differs from {checkout_digest()[:12]}): their rows may "
+                   f"not reproduce; `{p.command} force=true` makes them again.", ""]
         md.append(s.main.markdown())
         for t in s.extra:
             md.append(t.markdown())
@@ -828,16 +1357,54 @@ def experiments() -> list[str]:
     return sorted(p.stem for p in (CONFIGS / "experiment").glob("*.yaml"))
 
 
+class StaleRuns(SystemExit):
+    pass
+
+
+# headings of the layouts that set none: (what the rows are an analog of, the claim they test)
+HEADINGS = {"qaq_table1": ("QAQ Table 1", "QAQ claims a larger KV-cache compression at <1% accuracy drop than uniform "
+                                          "or KIVI-style quantization."),
+            "qaq_table2": ("QAQ Table 2 (ablation)", "QAQ claims that keeping outliers exact and the attention window "
+                                                     "each raise the compression reached at <1% accuracy drop.")}
+
+
+def fill_heading(name: str, sec: Section, p: Plan) -> None:
+    """A heading naming what the rows hold (model, data, window), for layouts that set none."""
+    runs = p.done
+    if not sec.heading:
+        what, claim = HEADINGS.get(name, (name, ""))
+        task = runs[0].cfg["task"]
+        win = f", {task['window']}-token windows" if task.get("window") else ""
+        sec.heading = cpu_prefix(p, f"{what}: {_one(model_name(r) for r in runs)}, "
+                                    f"{_one(data_name(r) for r in runs)}{win}")
+        sec.claim = sec.claim or claim
+    if name == "qaq_table1" and p.scale == "cpu":
+        cols = sec.main.columns
+        if "qaq max compression" in cols and "kivi max compression" in cols:
+            for row in sec.main.rows:
+                q, k = (row[cols.index(f"{m} max compression")] for m in ("qaq", "kivi"))
+                if q != "–" and k != "–" and float(q.rstrip("×")) < float(k.rstrip("×")):
+                    sec.main.notes.append(
+                        f"{row[0]}: QAQ reaches {q} where KIVI-style reaches {k}, contrary to the paper. Likely reason: "
+                        f"{runs[0].model}'s heads are tiny (head_dim 8 for stories260k), so QAQ's per-token "
+                        "quantization parameters and exact outliers cost about as much as the codes they describe, "
+                        "which a 128-dimensional head amortizes.")
+
+
 def aggregate(names: list[str] | None, scales: list[str] | None, results: Path, tables: Path, figures: Path,
-              extra: list[str] = (), pareto: bool | None = None) -> dict[str, list[Path]]:
+              extra: list[str] = (), pareto: bool | None = None, strict: bool = False) -> dict[str, list[Path]]:
     """Build the tables; raise MissingRuns naming the missing runs of any table partly run, of a scale asked for by
-    name that has none, or of an experiment asked for by name that has none at any scale."""
+    name that has none, or of an experiment asked for by name that has none at any scale. Rows of runs made from
+    another kvx source than this checkout's are marked; with `strict` they are refused (StaleRuns)."""
     written, problems, all_plans = {}, [], []
     for name in names or experiments():
         if not (CONFIGS / "experiment" / f"{name}.yaml").is_file():
             raise SystemExit(f"aggregate: no experiment {name!r} in configs/experiment (known: {', '.join(experiments())})")
         plans = []
         for scale in scales or SCALES:
+            if (name, scale) in COVERED:
+                print(f"[aggregate] {name}: scale={scale} has no table of its own (shown in {COVERED[name, scale]})")
+                continue
             if not scales and not any((results / f).is_dir() for f in folders(name, scale, tuple(extra))):
                 continue  # nothing of this experiment at this scale (and the scale was not asked for)
             p = plan(name, scale, results, list(extra))
@@ -848,6 +1415,11 @@ def aggregate(names: list[str] | None, scales: list[str] | None, results: Path, 
                 problems.append(f"{name} (scale={scale}): {len(p.missing)} of {len(p.runs)} runs missing; make "
                                 f"them with `{p.command}`:\n" + "\n".join(lines))
                 continue
+            stale = [r for r in p.done if r.stale]
+            if strict and stale:
+                raise StaleRuns(f"aggregate: {name} (scale={scale}): {len(stale)} runs made from another kvx source "
+                                f"than this checkout's, e.g. {stale[0].run_dir}; make them again with "
+                                f"`{p.command} force=true`")
             twin = [q for q in plans if [r.run_dir for r in q.runs] == [r.run_dir for r in p.runs]]
             if twin:  # no variant for one of the scales: one section, under the later scale (cpu)
                 plans.remove(twin[0])
@@ -861,6 +1433,8 @@ def aggregate(names: list[str] | None, scales: list[str] | None, results: Path, 
         all_plans += plans
         fn = LAYOUTS.get(name, generic)
         sections = [fn(p, figures) for p in plans]
+        for sec, p in zip(sections, plans):
+            fill_heading(name, sec, p)
         written[name] = write(name, sections, plans, tables)
         print(f"[aggregate] {name}: " + ", ".join(f"scale={p.scale} ({len(p.runs)} runs)" for p in plans))
     if problems:
@@ -877,11 +1451,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--results", type=Path, default=REPO / "results", help="the results_dir of the runs")
     ap.add_argument("--tables", type=Path, default=None, help="default: <results>/tables")
     ap.add_argument("--figures", type=Path, default=None, help="default: <results>/figures")
+    ap.add_argument("--strict", action="store_true",
+                    help="refuse runs made from another kvx source than this checkout's (default: mark their rows)")
     ap.add_argument("overrides", nargs="*", help="overrides the runs were made with (e.g. task.max_tokens=600)")
     a = ap.parse_args(argv)
     tables = a.tables or a.results / "tables"
     figures = a.figures or a.results / "figures"
-    aggregate(a.experiment, a.scale, a.results, tables, figures, a.overrides)
+    aggregate(a.experiment, a.scale, a.results, tables, figures, a.overrides, strict=a.strict)
     return 0
 
 

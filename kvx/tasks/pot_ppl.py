@@ -5,6 +5,12 @@ cache from its first token; the loss is measured on the story's last `tail` shar
 predictions are made from whatever the cache kept of everything before them. With a pot method (InfiniPot and the
 baselines scored inside its pot) the story is fed in the pot's own chunks, so every method holds the same memory;
 other compressing methods are fed `chunk_size` tokens per forward (default 1: real token-by-token streaming).
+
+`concat_tokens`: sequences longer than the model's context, each made of consecutive whole stories (BOS before each)
+cut to exactly `concat_tokens` tokens; `score_from` then scores every token at that position or later (e.g. all
+beyond a 512-token context) instead of the `tail` share. `prefill: full` is the memory-unconstrained protocol of
+InfiniPot's baselines: everything before the scored tokens goes through the model in one forward (the method
+compresses it afterwards, e.g. SnapKV), then the scored tokens are fed one at a time.
 """
 
 from __future__ import annotations
@@ -35,6 +41,9 @@ class PotPerplexity(Task):
     tail: float = 0.25  # share of each story's tokens whose loss is measured (its ending)
     chunk_size: int | None = None  # tokens per forward; null: the method's own (a pot's chunks; 1 for other compressors)
     allow_beyond_context: bool = False  # let rotary positions pass the model's context (read by the runner)
+    concat_tokens: int | None = None  # sequences of consecutive stories cut to this many tokens (null: one story each)
+    score_from: int | None = None  # score positions >= this (null: the last `tail` share of each sequence)
+    prefill: str = "stream"  # stream: the method's own feeding | full: the context in one forward, then token by token
 
     def validate(self) -> None:
         super().validate()
@@ -46,6 +55,15 @@ class PotPerplexity(Task):
             raise ConfigError("task.max_tokens", f"must be >= min_tokens={self.min_tokens}, got {self.max_tokens}")
         if self.chunk_size is not None and self.chunk_size < 1:
             raise ConfigError("task.chunk_size", f"must be >= 1 or null, got {self.chunk_size}")
+        if self.concat_tokens is not None and self.concat_tokens < 2:
+            raise ConfigError("task.concat_tokens", f"must be >= 2 or null, got {self.concat_tokens}")
+        if self.score_from is not None and not 1 <= self.score_from < (self.concat_tokens or self.min_tokens):
+            raise ConfigError("task.score_from", f"must lie in [1, {self.concat_tokens or self.min_tokens}) (the "
+                              f"shortest sequence), got {self.score_from}")
+        if self.prefill not in ("stream", "full"):
+            raise ConfigError("task.prefill", f"must be 'stream' or 'full', got {self.prefill!r}")
+        if self.prefill == "full" and self.mode != "stream":
+            raise ConfigError("task.prefill", "'full' feeds a real cache: it needs task.mode=stream")
 
     def check(self) -> None:
         if self.data_files is not None:
@@ -55,6 +73,8 @@ class PotPerplexity(Task):
         """(document index, token ids) of the stories used, in file order, at most `limit` of them."""
         docs = load_documents(self.dataset, self.data_files, self.text_field, self.split)
         bos = tokenizer.bos_token_id
+        if self.concat_tokens is not None:
+            return self._concatenated(docs, tokenizer, bos)
         out = []
         for i, doc in enumerate(docs):
             ids = ([bos] if bos is not None else []) + list(tokenizer(doc, add_special_tokens=False).input_ids)
@@ -68,11 +88,41 @@ class PotPerplexity(Task):
             raise DataError(f"task {self.name}: no document has at least min_tokens={self.min_tokens} tokens")
         return out
 
+    def _concatenated(self, docs: list[str], tokenizer, bos) -> list[tuple[int, list[int]]]:
+        """(index of the first story, token ids) of sequences of consecutive stories cut to concat_tokens each."""
+        out, cur, first = [], [], 0
+        for i, doc in enumerate(docs):
+            if not cur:
+                first = i
+            cur += ([bos] if bos is not None else []) + list(tokenizer(doc, add_special_tokens=False).input_ids)
+            if len(cur) >= self.concat_tokens:
+                out.append((first, cur[: self.concat_tokens]))
+                cur = []
+                if self.limit is not None and len(out) >= self.limit:
+                    break
+        if not out:
+            raise DataError(f"task {self.name}: the documents hold fewer than concat_tokens={self.concat_tokens} tokens")
+        return out
+
+    def n_scored(self, n: int) -> int:
+        """How many of a sequence's n tokens are scored (its last ones)."""
+        if self.score_from is not None:
+            return n - self.score_from
+        return max(1, math.ceil(self.tail * n))
+
     def score_story(self, engine, ids: list[int]) -> tuple[torch.Tensor, dict]:
         """Loss [n_tail] of the story's last tokens, and the cache statistics of the run."""
         x = torch.tensor([ids], device=engine.device)
-        inp, n_tail = x[:, :-1], max(1, math.ceil(self.tail * len(ids)))
-        if self.mode == "masked":
+        inp, n_tail = x[:, :-1], self.n_scored(len(ids))
+        if self.prefill == "full":
+            # x: [1, L]; inp[:, :L - n_tail] in one forward (its last logits predict the first scored token)
+            cache = engine.new_cache(1, seq_len=inp.shape[1])
+            split = len(ids) - n_tail
+            head = engine.prefill(cache, inp[:, :split], None, split)
+            rest = engine.prefill(cache, inp[:, split:], None, 1) if split < inp.shape[1] else head[:, :0]
+            logits = torch.cat([head, rest], dim=1)
+            peak = cache.peak_bytes
+        elif self.mode == "masked":
             cache = engine.new_cache(1, seq_len=inp.shape[1], mode="masked")
             logits = engine.forward(cache, inp)
             peak = cache.masked_peak_bytes(1)

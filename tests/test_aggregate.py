@@ -4,6 +4,7 @@ byte-for-byte repeatable."""
 import csv
 import importlib.util
 import json
+import math
 import sys
 
 import pytest
@@ -24,6 +25,7 @@ def _write(run, metrics, outputs=()):
             "wall_time": 1.0 + len(str(run.run_dir)) % 7}  # a timing: must never reach a table
     (run.run_dir / "metrics.json").write_text(json.dumps({**base, **metrics}))
     (run.run_dir / "outputs.jsonl").write_text("".join(json.dumps(o) + "\n" for o in outputs))
+    (run.run_dir / "env.json").write_text(json.dumps({"kvx_source_digest": A.checkout_digest()}))
 
 
 def _eviction_ppl(method, budget, mode):
@@ -62,8 +64,9 @@ def test_eviction_table_holds_the_numbers(eviction, tmp_path):
                 cell = row[f"{b} {mode}"]
                 if meth == "sirllm" and mode == "masked":
                     assert cell == "–"
-                else:
-                    assert cell == f"{_eviction_ppl(meth, b, mode):.3f}"
+                else:  # no outputs.jsonl rows here: no interval, the best of each column starred
+                    assert cell.rstrip("*") == f"{_eviction_ppl(meth, b, mode):.3f}"
+                    assert cell.endswith("*") == (meth == "streaming_llm")
     md = (tmp_path / "tables" / "eviction_ppl.md").read_text()
     assert "## scale=cpu · model stories260k" in md and "python run.py experiment=eviction_ppl scale=cpu" in md
     assert "| h2o | 40.0 | 80.0 | 160.0 |" in md  # measured KiB per budget
@@ -227,3 +230,81 @@ def test_committed_tables_regenerate_byte_for_byte(tmp_path):
     assert sorted(made) == sorted(committed)
     for rel, path in made.items():
         assert path.read_bytes() == committed[rel].read_bytes(), rel
+
+
+def _ppl_run(tmp_path, name, nlls, tokens=512):
+    d = tmp_path / name
+    d.mkdir()
+    (d / "outputs.jsonl").write_text("".join(json.dumps({"nll": x, "tokens": tokens}) + "\n" for x in nlls))
+    ppl = math.exp(sum(nlls) / len(nlls))
+    return A.Run([], {"method": {"name": name}, "task": {}, "model": {"name": "m"}}, d, {"ppl": ppl}, d / "outputs.jsonl")
+
+
+def test_intervals_and_paired_differences(tmp_path):
+    flat = _ppl_run(tmp_path, "flat", [1.3] * 8)
+    assert A.ppl_interval(flat) == pytest.approx((math.exp(1.3), math.exp(1.3)))  # no spread: no width
+    a = _ppl_run(tmp_path, "a", [1.0, 1.4, 1.2, 1.1, 1.6, 0.9, 1.3, 1.5])
+    b = _ppl_run(tmp_path, "b", [x + 0.05 for x in [1.0, 1.4, 1.2, 1.1, 1.6, 0.9, 1.3, 1.5]])
+    lo, hi = A.ppl_interval(a)
+    assert math.exp(0.9) < lo < a.metrics["ppl"] < hi < math.exp(1.6)
+    assert A.overlaps(A.ppl_interval(a), A.ppl_interval(b))  # unpaired: the spread between windows hides the shift
+    d, (dlo, dhi) = A.paired_diff(b, a)  # paired: every window is worse by the same factor, so 0 is excluded
+    assert d == pytest.approx(b.metrics["ppl"] - a.metrics["ppl"]) and 0 < dlo <= d <= dhi
+    assert A.paired_diff(a, _ppl_run(tmp_path, "c", [1.0] * 7)) is None  # other windows: not paired
+    assert A.mean_interval([0.0, 1.0] * 10)[0] < 0.5 < A.mean_interval([0.0, 1.0] * 10)[1]
+    assert A.with_ci(4.0, (3.9, 4.1)) == "4.000 (3.900–4.100)" and A.with_ci(4.0, None) == "4.000"
+
+
+def _needle_runs(root):
+    plan = A.plan("needle_grid", "cpu", root)
+    for i, r in enumerate(plan.runs):
+        _write(r, {"rougeL": 0.1 * i, "exact": 0.0, "cache_bytes_peak": 1024},
+               [{"context_length": 256, "depth": 0.0, "rougeL": 0.1 * i, "exact": 0.0}])
+    return A.plan("needle_grid", "cpu", root)  # with the metrics written
+
+
+def test_stale_runs_are_marked_or_refused(tmp_path):
+    plan = _needle_runs(tmp_path)
+    (plan.runs[2].run_dir / "env.json").write_text(json.dumps({"kvx_source_digest": "0" * 64}))
+    (plan.runs[3].run_dir / "env.json").unlink()  # made before the digest was recorded: stale too
+    A.aggregate(["needle_grid"], ["cpu"], tmp_path, tmp_path / "t", tmp_path / "f")
+    md = (tmp_path / "t" / "needle_grid.md").read_text()
+    assert "‡ 2 of 6 runs were made from a kvx source other than this checkout's" in md
+    marked = [line.split("|")[1].strip() for line in md.splitlines() if line.startswith("| ") and "‡" in line]
+    assert marked == [f"{plan.runs[2].method} ‡", f"{plan.runs[3].method} ‡"]
+    with pytest.raises(A.StaleRuns, match="needle_grid \\(scale=cpu\\): 2 runs made from another kvx source"):
+        A.aggregate(["needle_grid"], ["cpu"], tmp_path, tmp_path / "t2", tmp_path / "f2", strict=True)
+
+
+def test_a_title_may_name_only_the_models_and_data_its_rows_use(tmp_path):
+    plan = _needle_runs(tmp_path)
+    assert A.title_problems("Llama-2-7B perplexity on WikiText-2 and PG-19 (4096-token windows)", plan.done) == [
+        "llama-2-7b", "pg-19", "wikitext-2"]
+    assert A.title_problems("CPU analog of the needle grid: stories260k, Paul Graham essays", plan.done) == []
+
+
+def test_committed_cpu_tables_name_only_what_their_rows_use():
+    """Every committed table's first line (and each section's heading) names only models and data its runs use."""
+    tables = REPO / "results" / "tables"
+    files = sorted(p for p in tables.glob("*.md") if p.stem != "pareto")
+    if not files:
+        pytest.skip("no committed tables")
+    for path in files:
+        text = path.read_text()
+        first = text.splitlines()[0].lstrip("# ")
+        plans = [A.plan(path.stem, s, REPO / "results") for s in A.SCALES if f"## scale={s}" in text]
+        runs = [r for p in plans for r in p.done]
+        assert runs, path.name
+        assert A.title_problems(first, runs) == [], (path.name, first)
+        if all(p.scale == "cpu" for p in plans):
+            assert first.startswith("CPU "), (path.name, first)
+
+
+def test_duplicate_tables_are_not_written():
+    """The cpu variant of less_llama2_13b is less_llama2_7b's grid, and the Table 3 ablations are rows of
+    infinipot_tinystories_pot: no table of their own at cpu scale."""
+    tables = REPO / "results" / "tables"
+    for name in ["less_llama2_13b"] + [f"infinipot_table3_{v}" for v in ("cap", "no_cap_nuc", "no_cr_rope", "nuc",
+                                                                          "nuc25", "nuc50", "nuc75")]:
+        assert (name, "cpu") in A.COVERED
+        assert not (tables / f"{name}.md").exists() and not (tables / f"{name}.csv").exists()

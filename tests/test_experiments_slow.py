@@ -56,6 +56,8 @@ def test_needle_grid_cpu(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["less_llama2_7b", "infinipot_tinystories_pot"])
+@pytest.mark.parametrize("name", ["less_llama2_7b", "infinipot_tinystories_pot", "infinipot_long_pot",
+                                  "infinipot_needle_2k", "infinipot_needle_4k", "infinipot_longbench_2k",
+                                  "infinipot_longbench_4k"])
 def test_other_experiments_cpu(name, tmp_path):
     _reproduce(name, tmp_path, timeout=3600)

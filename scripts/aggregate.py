@@ -340,8 +340,8 @@ def mode_note(runs: list[Run]) -> str:
     for r in stream:
         task = r.cfg["task"].get("type")
         if r.method == "infinipot":
-            k = ("InfiniPot's pot: the input fed in chunks that fill the pot (|M| minus the catalyst prompt minus the "
-                 "tokens held), distilled to |C| whenever the next chunk would not fit")
+            k = ("InfiniPot's pot: the input fed in chunks that fill the pot (M minus the catalyst prompt minus the "
+                 "tokens held), distilled to C whenever the next chunk would not fit")
         elif r.method == "full":
             k = "the full cache keeps every token"
         elif r.get("task.prefill") == "full":
@@ -744,7 +744,7 @@ def infinipot_pot(p: Plan, figures: Path) -> Section:
     runs = p.done
     cis = {id(r): ppl_interval(r) for r in runs}
     keeps = sorted({_pot(r)[1] for r in runs if r.method == "infinipot"}, reverse=True)
-    cols = ["|M| pot", "|C| kept", "context fill", "scorer", "CR-RoPE", "ppl (95% interval)", "cache KiB",
+    cols = ["pot M", "kept C", "context fill", "scorer", "CR-RoPE", "ppl (95% interval)", "cache KiB",
             "InfiniPot paper"]
     rows = []
     full = [r for r in runs if r.method == "full"]
@@ -774,13 +774,14 @@ def infinipot_pot(p: Plan, figures: Path) -> Section:
     n = len(units(runs[0])[0]) if units(runs[0]) else 0
     task = runs[0].cfg["task"]
     notes = [mode_note(runs),
-             "|M|: the pot (tokens per layer and KV head); |C|: tokens kept by each distillation. CaP scorers (cap_nuc, "
-             "cap) reserve room for the catalyst prompt inside the pot, so their context fills |M| − prompt slots "
-             "(chunks of |M| − prompt − |C|); the baselines at |M| = 115 and 51 run at that same fill (|C| 64 and 32), "
+             "Pot M: tokens per layer and KV head (the paper's |M|); kept C: tokens kept by each distillation (|C|). "
+             "CaP scorers (cap_nuc, cap) reserve room for the catalyst prompt inside the pot, so their context fills "
+             "M − prompt slots (chunks of M − prompt − C); the baselines at M = 115 and 51 run at that same fill (C 64 "
+             "and 32), "
              "those at 128 and 64 fill the whole pot. Unbounded rows hold the whole story at some point (their cache "
              "KiB says so).",
              CI_NOTE.format(what=f"over the {n} stories", n=BOOT).replace("the best method in the same column",
-                                                                          "the best pot method of the same |C|"),
+                                                                          "the best pot method of the same C"),
              f"InfiniPot paper: LLaMA-2-7B and Mistral-7B on LongBench; {PAPER_MISSING} (this scale runs another model "
              "and task, so compare trends, not values)."]
     notes += _pot_claims(runs, keeps)
@@ -791,7 +792,7 @@ def infinipot_pot(p: Plan, figures: Path) -> Section:
     claim = ("InfiniPot claims CaP + NuC in a fixed pot beat the other scorers in the same pot and approach the "
              "unbounded baselines (Table 1), and that each of CaP, NuC and CR-RoPE helps (Table 3).")
     title = f"Perplexity of each story's ending per pot and scorer, CR-RoPE on ({p.runs[0].model})"
-    extra = [Table("CR-RoPE on versus off (the Table 3 ablation)", ["|M| pot", "scorer", "ppl, CR-RoPE on",
+    extra = [Table("CR-RoPE on versus off (the Table 3 ablation)", ["pot M", "scorer", "ppl, CR-RoPE on",
                                                                     "ppl, CR-RoPE off", "off − on (paired, 95%)"],
                    ablation)] if ablation else []
     return Section(p.scale, p.runs[0].model, Table(title, cols, rows, notes), extra, [], heading, claim)
@@ -874,7 +875,7 @@ def _pot_claims(runs: list[Run], keeps: list[int]) -> list[str]:
 def infinipot_long(p: Plan, figures: Path) -> Section:
     runs = p.done
     cis = {id(r): ppl_interval(r) for r in runs}
-    cols = ["sequence tokens", "|M| pot", "scorer", "CR-RoPE", "ppl (95% interval)", "cache KiB", "InfiniPot paper"]
+    cols = ["sequence tokens", "pot M", "scorer", "CR-RoPE", "ppl (95% interval)", "cache KiB", "InfiniPot paper"]
     rows, notes_d = [], []
     lengths = list(dict.fromkeys(r.get("task.concat_tokens") for r in runs))
     for n in lengths:
@@ -890,7 +891,7 @@ def infinipot_long(p: Plan, figures: Path) -> Section:
     task = runs[0].cfg["task"]
     notes = [mode_note(runs),
              f"Every token from position {task.get('score_from')} on is scored, beyond the model's context: with "
-             "CR-RoPE the pot's rotary positions stay below |M|; without it (and for the full cache) positions grow "
+             "CR-RoPE the pot's rotary positions stay below M; without it (and for the full cache) positions grow "
              "with the input, past the range the model was trained on.",
              CI_NOTE.format(what=f"over the {task.get('limit')} sequences", n=BOOT).split(" ≈:")[0],
              "Perplexity differences (paired over the same sequences, 95%): " + "; ".join(notes_d) + "."
@@ -1190,7 +1191,7 @@ def infinipot_pipeline(p: Plan, figures: Path) -> Section:
     metric = "exact" if needle else "average"
     per = "exact" if needle else "score"
     score = "exact (95% interval)" if needle else "mean example score, 0-1 (95% interval)"
-    cols = ["method", "|M| pot", "catalyst", score, "rougeL" if needle else "LongBench average, 0-100", "cache KiB",
+    cols = ["method", "pot M", "catalyst", score, "rougeL" if needle else "LongBench average, 0-100", "cache KiB",
             "InfiniPot paper"]
     rows = []
     for r in runs:

@@ -45,14 +45,21 @@ def stale(root: Path) -> tuple[list[Path], list[Path]]:
 def rehash(root: Path, dry_run: bool = False, checkout: Path | None = None) -> list[tuple[Path, Path]]:
     """Rename run folders to the hash of their own config.yaml; returns (old, new) pairs (conflicts are skipped).
     `checkout`: the repository the runs were made from, if not this one (its paths then hash as this one's)."""
-    from omegaconf import OmegaConf
-
     import kvx.assets
     import kvx.config  # noqa: F401  (resolvers)
     from kvx.config import config_hash
 
+    repo_root = kvx.assets.REPO_ROOT
     if checkout is not None:
         kvx.assets.REPO_ROOT = Path(checkout).resolve()
+    try:
+        return _rehash(root, dry_run, config_hash)
+    finally:
+        kvx.assets.REPO_ROOT = repo_root
+
+
+def _rehash(root: Path, dry_run: bool, config_hash) -> list[tuple[Path, Path]]:
+    from omegaconf import OmegaConf
 
     moves = []
     for cfg_file in sorted((root / "runs").glob("*/*/*/*/config.yaml")):

@@ -19,12 +19,12 @@ from kvx.registry import METHODS, TASKS
 
 
 def register_resolvers() -> None:
-    from kvx.assets import REPO_ROOT, assets_dir
+    import kvx.assets
 
     if not OmegaConf.has_resolver("kvx.assets"):
-        OmegaConf.register_new_resolver("kvx.assets", lambda: str(assets_dir(check=False)))
+        OmegaConf.register_new_resolver("kvx.assets", lambda: str(kvx.assets.assets_dir(check=False)))
     if not OmegaConf.has_resolver("kvx.repo"):
-        OmegaConf.register_new_resolver("kvx.repo", lambda: str(REPO_ROOT))
+        OmegaConf.register_new_resolver("kvx.repo", lambda: str(kvx.assets.REPO_ROOT))
     if not OmegaConf.has_resolver("kvx.model_name"):
         from kvx.models import model_name
 
@@ -176,10 +176,9 @@ def input_paths(node: Any) -> list[str]:
     return out
 
 
-def config_hash(cfg: DictConfig) -> str:
-    """Short hash of what determines a run's numbers (not where it is written or logged): model, method, task, seed
-    and kernels with numbers normalised, and the content digest (sha256) of every local input file the method and
-    task name, so that editing a data file or retraining LESS kernels in place makes a new run."""
+def config_blob(cfg: DictConfig) -> str:
+    """The text `config_hash` hashes: the semantic config as sorted JSON, input digests under "inputs", and the
+    machine's asset and checkout folders written as ${kvx.assets:} and ${kvx.repo:}."""
     from kvx.digests import path_digest
 
     data = {k: OmegaConf.to_container(cfg[k], resolve=True) if isinstance(cfg.get(k), DictConfig) else cfg.get(k)
@@ -190,8 +189,15 @@ def config_hash(cfg: DictConfig) -> str:
         data["inputs"] = inputs
     # local asset locations differ between machines without changing the numbers
     blob = json.dumps(data, sort_keys=True, default=str)
-    from kvx.assets import REPO_ROOT, assets_dir
+    import kvx.assets
 
-    blob = blob.replace(str(assets_dir(check=False)), "${kvx.assets:}")
-    blob = blob.replace(str(REPO_ROOT), "${kvx.repo:}")  # files inside the checkout (trained kernels) likewise
+    blob = blob.replace(str(kvx.assets.assets_dir(check=False)), "${kvx.assets:}")
+    return blob.replace(str(kvx.assets.REPO_ROOT), "${kvx.repo:}")  # files inside the checkout (trained kernels)
+
+
+def config_hash(cfg: DictConfig) -> str:
+    """Short hash of what determines a run's numbers (not where it is written or logged): model, method, task, seed
+    and kernels with numbers normalised, and the content digest (sha256) of every local input file the method and
+    task name, so that editing a data file or retraining LESS kernels in place makes a new run."""
+    blob = config_blob(cfg)
     return hashlib.sha1(blob.encode()).hexdigest()[:10]

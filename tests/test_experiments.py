@@ -87,16 +87,23 @@ def test_cpu_scale_is_the_same_run_as_by_hand():
 def test_hash_ignores_where_the_checkout_lives(monkeypatch, tmp_path):
     """A path inside the repository (LESS's trained kernels) hashes the same from any checkout."""
     import kvx.assets
-    from kvx.config import config_hash
+    import kvx.digests
+    from kvx.config import config_blob, config_hash
 
+    # a digest cache of its own, so that no entry written by another run or checkout takes part
+    monkeypatch.setenv("KVX_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(kvx.digests, "_LOADED", None)
+    monkeypatch.setattr(kvx.digests, "_MEMO", {})
     here = compose_cfg(["method=less"])
     kernels = OmegaConf.to_container(here.method, resolve=True)["kernels"]
     assert kernels.startswith(str(REPO))
-    h = config_hash(here)
+    h, blob = config_hash(here), config_blob(here)
+    assert "${kvx.repo:}/results/less_kernels/" in blob and str(REPO) not in blob
     other = tmp_path / "elsewhere"
     shutil.copytree(kernels, f"{other}{kernels[len(str(REPO)):]}")  # the same files (their digests are hashed)
     moved = compose_cfg(["method=less", f"method.kernels={other}{kernels[len(str(REPO)):]}"])
     assert config_hash(moved) != h
     monkeypatch.setenv("KVX_ASSETS", str(kvx.assets.assets_dir()))  # the data stays where it is
     monkeypatch.setattr(kvx.assets, "REPO_ROOT", other)
+    assert config_blob(moved) == blob  # on failure pytest shows where the two texts differ
     assert config_hash(moved) == h

@@ -197,6 +197,13 @@ def test_goal_verdicts_from_given_numbers(bench):
     assert goals["evaluation throughput sirllm / full, masked mode"] == ("n/a (no masked form)", "–")
 
 
+def test_bytes_bound_hand_value(bench):
+    """(1 + B T r) / (1 + B b r): r = 1e-5 per token, B = 8, T = 16384, b = 512 -> 2.31072 / 1.04096 = 2.22."""
+    info = {"ratio_per_token": 1e-5, "reference_ratio_per_token": 2e-5, "reference": "ref"}
+    assert bench.bytes_bound(info, 8, 16384, 512) == "; bytes-read bound 2.22x (ref: 3.35x)"  # 3.62144 / 1.08192
+    assert bench.bytes_bound({}, 8, 16384, 512) == ""
+
+
 def test_goals_not_in_the_grid_are_listed(bench):
     res = fake_results()
     res["rows"] = [r for r in res["rows"] if r["context"] == 1024]

@@ -138,6 +138,7 @@ def test_qaq_table_max_compression_under_one_percent(tmp_path):
     assert rows["qaq"]["Δacc (points) [95%]"].startswith("-0.50 [")
     # uniform/kivi: 2 bits drop 2 points -> the 4-bit point wins (uniform's 8 bits compress less)
     assert rows["uniform"]["best setting"] == "bits=4" and rows["kivi"]["best setting"] == "bits=4"
+    # the paper reports no TinyStories value: "–", not a number (its Table 1 tasks would say "not transcribed")
     assert rows["qaq"]["QAQ paper (LLaMA-2-7B)"] == "–" and rows["kivi"]["QAQ paper (LLaMA-2-7B)"] == "–"
     md = (tmp_path / "tables" / "qaq_table1.md").read_text()
     assert "Bytes at head_dim 128 (random, random weights)" in md  # the byte columns of the random model
@@ -162,7 +163,41 @@ def test_qaq_compression_reads_the_bytes():
     run = A.Run([], {"method": {"name": "qaq"}, "task": {}, "model": {"name": "m"}}, REPO,
                 {"compression_bytes": 5.0, "compression_bits": 7.5, "cache_bytes_peak": 10}, REPO)
     assert A.compression(run, None) == 5.0 and A.compression_bits(run) == 7.5
-    assert A.QAQ_PAPER == {"hellaswag": 7.48, "piqa": 9.02, "mathqa": 7.48}
+
+
+def _pot_run(method, **fields):
+    cfg = {"method": {"name": method, **{k: v for k, v in fields.items() if k != "prefill"}},
+           "task": {"name": "tinystories_pot", "prefill": fields.get("prefill")}, "model": {"name": "m"}}
+    return A.Run([], cfg, REPO / "nowhere", {}, REPO / "nowhere" / "outputs.jsonl")
+
+
+def test_infinipot_paper_column_only_where_the_paper_reports_a_value():
+    """Each pot-table row gets the paper's number for its own scorer (CR-RoPE on, alpha 50% for CaP + NuC), marked as a
+    secondary transcription; rows the paper has no number for say so."""
+    def cell(run):
+        return A.infinipot_paper(A._paper_key(run))
+
+    assert cell(_pot_run("infinipot", scorer="cap_nuc", nuc_share=0.5, cr_rope=True)) == "41.50 (Table 3, α 50%) †"
+    assert cell(_pot_run("infinipot", scorer="cap", nuc_share=0.5, cr_rope=True)) == "39.89 (Table 3, CaP only) †"
+    assert cell(_pot_run("infinipot", scorer="nuc", nuc_share=0.5, cr_rope=True)) == "35.43 (Table 3, NuC only) †"
+    assert cell(_pot_run("infinipot", scorer="tova", cr_rope=True)).startswith("36.26 (§4.2")
+    assert cell(_pot_run("infinipot", scorer="truncation", cr_rope=True)).startswith("37.20 (§4.2")
+    assert cell(_pot_run("snapkv", budget=128, prefill="full")) == "41.94 (§4.2, SnapKV-4K) †"
+    for missing in (_pot_run("infinipot", scorer="cap_nuc", nuc_share=0.5, cr_rope=False),  # CR-RoPE off
+                    _pot_run("infinipot", scorer="cap_nuc", nuc_share=0.25, cr_rope=True),  # another alpha
+                    _pot_run("infinipot", scorer="h2o", cr_rope=True), _pot_run("full")):
+        assert cell(missing) == A.PAPER_MISSING
+    # every value shown is one of the source's, and the note names the source and the setting
+    assert all(v.endswith(A.SECONDARY) for v in map(A.infinipot_paper, A.INFINIPOT_PAPER))
+    assert "2410.01518" in A.INFINIPOT_NOTE and "LLaMA-3-8B-Instruct" in A.INFINIPOT_NOTE
+
+
+def test_paper_columns_hold_no_unsourced_numbers():
+    """LESS and QAQ values were found in no retrieved source: their columns and notes carry no number of theirs."""
+    assert not hasattr(A, "QAQ_PAPER")
+    for note in (A.LESS_PAPER_NOTE, A.QAQ_PAPER_NOTE):
+        assert A.PAPER_MISSING in note
+    assert "Table 1 of arXiv 2403.04643" in A.QAQ_PAPER_NOTE and "2402.09398" in A.LESS_PAPER_NOTE
 
 
 def test_needle_heatmaps(tmp_path):

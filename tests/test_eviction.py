@@ -790,3 +790,28 @@ def test_streaming_llm_closed_mask_equals_the_step_by_step_policy(stories, tiny_
     slow, stats_slow = eng.score_window(ids, mode="masked")
     assert torch.equal(fast, slow)
     assert stats["cache_bytes_peak"] == stats_slow["cache_bytes_peak"]
+
+
+def test_select_drop_is_the_complement_of_select():
+    """A policy that only writes `select` drops exactly the slots it does not keep (ScoredPolicy's select_drop), and a
+    RankedPolicy drops its lowest priorities."""
+    from types import SimpleNamespace
+
+    from kvx.methods.base import RankedPolicy, ScoredPolicy
+
+    keep = torch.tensor([[[0, 3, 4], [1, 2, 5]]])  # [B=1, Hkv=2, m=3]
+
+    class Fixed(ScoredPolicy):
+        def select(self, store, m):
+            return keep[..., :m]
+
+    class ByPos(RankedPolicy):
+        def priority(self, store, m):
+            return -store.pos.double()  # the oldest first
+
+    store = SimpleNamespace(n=6, pos=torch.arange(6).expand(1, 2, 6))
+    assert Fixed(4).select_drop(store, 3).tolist() == [[[1, 2, 5], [0, 3, 4]]]
+    assert sorted(ByPos(4).select_drop(store, 2)[0, 0].tolist()) == [4, 5]
+    assert ByPos(4).select(store, 2)[0, 1].sort().values.tolist() == [0, 1]
+    with pytest.raises(TypeError):  # neither select nor priority: not a policy
+        type("Nothing", (ScoredPolicy,), {})(4)

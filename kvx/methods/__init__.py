@@ -18,6 +18,6 @@ from kvx.methods import (  # noqa: F401
     tova,
     uniform,
 )
-from kvx.methods.base import ArchInfo, LayerPolicy, Method, ScoredPolicy
+from kvx.methods.base import ArchInfo, LayerPolicy, Method, RankedPolicy, ScoredPolicy
 
-__all__ = ["ArchInfo", "LayerPolicy", "Method", "ScoredPolicy"]
+__all__ = ["ArchInfo", "LayerPolicy", "Method", "RankedPolicy", "ScoredPolicy"]

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from kvx.errors import ConfigError
-from kvx.methods.base import ArchInfo, LayerPolicy, Method, ScoredPolicy
+from kvx.methods.base import ArchInfo, LayerPolicy, Method, NestedMethod, RankedPolicy, ScoredPolicy
 from kvx.registry import METHODS
 
 REFUSED = {"adakv": "AdaKV cannot wrap itself", "less": "give LESS's own base policy instead",
@@ -37,9 +37,8 @@ def build_base(values: Any) -> Method:
 
 
 def has_priority(policy) -> bool:
-    """Whether the policy ranks slots by a priority (ScoredPolicy.priority) that heads can share."""
-    own = getattr(type(policy), "priority", None)
-    return own is not None and own is not ScoredPolicy.priority
+    """Whether the policy ranks slots by a priority (RankedPolicy.priority) that heads can share."""
+    return isinstance(policy, RankedPolicy)
 
 
 def mark_unused(store, valid: torch.Tensor) -> None:
@@ -132,38 +131,25 @@ class AdaptivePolicy(LayerPolicy):
 
 @METHODS.register("adakv")
 @dataclass
-class AdaKV(Method):
+class AdaKV(NestedMethod, Method):
     name: str = "adakv"
     base: dict = field(default_factory=dict)  # a scored eviction method's config, e.g. {name: snapkv, budget: 64}
     alpha_safeguard: float = 0.2  # each head keeps at least its own top alpha x budget tokens
 
     compresses = True
 
-    def __post_init__(self) -> None:
-        self._base: Method | None = None
+    def build_inner(self) -> Method:
+        return build_base(self.base)
 
     @property
     def base_method(self) -> Method:
-        if self._base is None:
-            self._base = build_base(self.base)
-        return self._base
-
-    @property
-    def has_mask_form(self) -> bool:  # type: ignore[override]
-        return self.base_method.has_mask_form
-
-    @property
-    def needs_token_nll(self) -> bool:  # type: ignore[override]
-        return self.base_method.needs_token_nll
+        return self.inner
 
     def validate(self) -> None:
-        self._base = build_base(self.base)
+        self.validate_inner()
         a = self.alpha_safeguard
         if isinstance(a, bool) or not isinstance(a, (int, float)) or not 0.0 <= a <= 1.0:
             raise ConfigError("method.alpha_safeguard", f"must be a number in [0, 1], got {a!r}")
-
-    def check_arch(self, arch: ArchInfo) -> None:
-        self.base_method.check_arch(arch)
 
     def make_store(self, layer_idx: int, arch: ArchInfo):
         return self.base_method.make_store(layer_idx, arch)
@@ -178,11 +164,3 @@ class AdaKV(Method):
                                                   "observed_attention, ...)")
         return AdaptivePolicy(policy, float(self.alpha_safeguard), arch.n_kv_heads)
 
-    def bind(self, engine) -> None:
-        self.base_method.bind(engine)
-
-    def max_chunk(self, cache) -> int | None:
-        return self.base_method.max_chunk(cache)
-
-    def before_forward(self, engine, cache, t: int) -> None:
-        self.base_method.before_forward(engine, cache, t)

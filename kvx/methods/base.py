@@ -17,7 +17,7 @@ In masked mode the same calls run against an IndexStore, one token at a time, in
 from __future__ import annotations
 
 import dataclasses
-from abc import ABC
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -91,8 +91,8 @@ class LayerPolicy:
 class ScoredPolicy(LayerPolicy, ABC):
     """A policy that keeps a score per stored slot and evicts to a budget.
 
-    Subclasses implement `priority(store, m) -> [B, Hkv, n]` (float64; higher is kept first) or, for a selection
-    that is not a ranking, `select(store, m) -> idx [B, Hkv, m]` with `ordered = True`. Lazy eviction: before
+    Subclasses implement `select(store, m) -> idx [B, Hkv, m]` (the slots to keep); a policy that ranks slots by a
+    score derives from `RankedPolicy` and implements `priority` instead. Lazy eviction: before
     t < budget new tokens are attended, the store is cut to budget - t so that no query reads more than `budget`
     tokens (its own included) and the store never holds more than `budget` between steps. A prefill chunk longer than
     the budget is attended in full and the store is cut to `budget` at the end of the step.
@@ -139,20 +139,17 @@ class ScoredPolicy(LayerPolicy, ABC):
     def on_append(self, store: Store, t: int) -> None:
         self.grow_scores(store, t)
 
-    def priority(self, store: Store, m: int) -> torch.Tensor:
-        """[B, Hkv, n] float64: the m highest are kept (ties broken as torch.topk breaks them)."""
-        raise NotImplementedError(f"{type(self).__name__} defines select(), not priority()")
-
+    @abstractmethod
     def select(self, store: Store, m: int) -> torch.Tensor:
         """Indices [B, Hkv, m] of the slots to keep."""
-        return self.priority(store, m).topk(m, dim=-1).indices
 
     def select_drop(self, store: Store, k: int) -> torch.Tensor:
-        """Indices [B, Hkv, k] of the slots to drop: the k lowest priorities."""
-        p = self.priority(store, store.n - k)
-        if k == 1:
-            return p.argmin(dim=-1, keepdim=True)
-        return p.topk(k, dim=-1, largest=False).indices
+        """Indices [B, Hkv, k] of the slots to drop: those `select` does not keep (ascending)."""
+        n = store.n
+        kept = torch.zeros(*store.pos.shape[:2], n, dtype=torch.bool, device=store.pos.device)
+        kept.scatter_(-1, self.select(store, n - k), True)
+        order = torch.arange(n, device=kept.device).expand(kept.shape)
+        return torch.where(kept, n, order).sort(dim=-1).values[..., :k]
 
     def evict_to(self, store: Store, m: int) -> None:
         n = store.n
@@ -185,6 +182,24 @@ class ScoredPolicy(LayerPolicy, ABC):
     def end_step(self, store: Store) -> None:
         if store.n > self.budget:
             self.evict_to(store, self.budget)
+
+
+class RankedPolicy(ScoredPolicy):
+    """A ScoredPolicy that ranks slots: `priority(store, m) -> [B, Hkv, n]` (float64; the m highest are kept, ties
+    broken as torch.topk breaks them). A ranking can be shared between heads (AdaKV's allocation)."""
+
+    @abstractmethod
+    def priority(self, store: Store, m: int) -> torch.Tensor:
+        """[B, Hkv, n] float64 keep priority of every slot."""
+
+    def select(self, store: Store, m: int) -> torch.Tensor:
+        return self.priority(store, m).topk(m, dim=-1).indices
+
+    def select_drop(self, store: Store, k: int) -> torch.Tensor:
+        p = self.priority(store, store.n - k)
+        if k == 1:
+            return p.argmin(dim=-1, keepdim=True)
+        return p.topk(k, dim=-1, largest=False).indices
 
 
 def recency_rank(pos: torch.Tensor) -> torch.Tensor:
@@ -247,3 +262,48 @@ class Method:
 
     def describe(self) -> dict:
         return dataclasses.asdict(self)
+
+
+class NestedMethod(ABC):
+    """Mixin of a method built around another method configured in one of its fields (LESS's and AdaKV's `base`).
+
+    The subclass says how to build the inner method (`build_inner`); the inner method, built once, decides the mask
+    form, whether token losses are needed, the architecture check and the engine hooks. List it before `Method`."""
+
+    @abstractmethod
+    def build_inner(self) -> Method:
+        """Build and validate the inner method from this method's field."""
+
+    @property
+    def inner(self) -> Method:
+        if getattr(self, "_inner", None) is None:
+            self._inner = self.build_inner()
+        return self._inner
+
+    def validate_inner(self) -> Method:
+        """Build (again) and validate the inner method; errors name its field."""
+        self._inner = self.build_inner()
+        return self._inner
+
+    @property
+    def has_mask_form(self) -> bool:  # type: ignore[override]
+        return self.inner.has_mask_form
+
+    @property
+    def needs_token_nll(self) -> bool:  # type: ignore[override]
+        return self.inner.needs_token_nll
+
+    def check_arch(self, arch: ArchInfo) -> None:
+        self.inner.check_arch(arch)
+
+    def make_policy(self, layer_idx: int, arch: ArchInfo, seq_len: int | None):
+        return self.inner.make_policy(layer_idx, arch, seq_len)
+
+    def bind(self, engine) -> None:
+        self.inner.bind(engine)
+
+    def max_chunk(self, cache) -> int | None:
+        return self.inner.max_chunk(cache)
+
+    def before_forward(self, engine, cache, t: int) -> None:
+        self.inner.before_forward(engine, cache, t)

@@ -31,7 +31,7 @@ import torch
 
 from kvx.cache.dense import Store
 from kvx.errors import AMBIGUOUS_ONE, ConfigError, warn_once
-from kvx.methods.base import ArchInfo, LayerPolicy, Method, ScoredPolicy, most_recent
+from kvx.methods.base import ArchInfo, LayerPolicy, Method, RankedPolicy, ScoredPolicy, most_recent
 
 SCHEDULES = ("uniform", "pyramid")
 BUDGET_OF = ("seq", "max_positions")
@@ -247,8 +247,8 @@ def forced_recent(pos: torch.Tensor, m: int, recent: int) -> torch.Tensor:
     return most_recent(pos, min(recent, m))
 
 
-class BudgetPolicy(ScoredPolicy):
-    """ScoredPolicy that reports its score buffers (`nbytes`, as allocated)."""
+class BudgetPolicy(RankedPolicy):
+    """RankedPolicy that reports its score buffers (`nbytes`, as allocated)."""
 
     def nbytes(self) -> int:
         return self._scores.allocated()

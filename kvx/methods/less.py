@@ -22,7 +22,7 @@ from typing import Any
 
 from kvx.cache.lowrank import FeatureMaps, LowRankStore
 from kvx.errors import ConfigError
-from kvx.methods.base import ArchInfo, Method
+from kvx.methods.base import ArchInfo, Method, NestedMethod
 from kvx.registry import METHODS
 
 FORMAT = "kvx-less-kernels/1"
@@ -138,7 +138,7 @@ def resolve_folder(path: str) -> Path:
 
 @METHODS.register("less")
 @dataclass
-class LESS(Method):
+class LESS(NestedMethod, Method):
     name: str = "less"
     base: dict = field(default_factory=dict)  # the eviction method's config, e.g. {name: h2o, budget: 64}
     kernels: str | None = None  # folder written by scripts/train_less.py
@@ -148,28 +148,20 @@ class LESS(Method):
     compresses = True
 
     def __post_init__(self) -> None:
-        self._policy: Method | None = None
         self._maps: list[FeatureMaps] | None = None
         self._record: dict | None = None
 
-    # the base policy decides these ---------------------------------------------------------------------------------
+    # the base policy decides the mask form, token losses, the policy and the engine hooks (NestedMethod) ----------
+    def build_inner(self) -> Method:
+        return build_policy_method(self.base)
+
     @property
     def policy_method(self) -> Method:
-        if self._policy is None:
-            self._policy = build_policy_method(self.base)
-        return self._policy
-
-    @property
-    def has_mask_form(self) -> bool:  # type: ignore[override]
-        return self.policy_method.has_mask_form
-
-    @property
-    def needs_token_nll(self) -> bool:  # type: ignore[override]
-        return self.policy_method.needs_token_nll
+        return self.inner
 
     # configuration -------------------------------------------------------------------------------------------------
     def validate(self) -> None:
-        self._policy = build_policy_method(self.base)
+        self.validate_inner()
         if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank <= 0:
             raise ConfigError("method.rank", f"must be a positive int, got {self.rank!r}")
         if self.hidden is not None and (isinstance(self.hidden, bool) or not isinstance(self.hidden, int) or self.hidden <= 0):
@@ -208,7 +200,7 @@ class LESS(Method):
         return self._maps
 
     def check_arch(self, arch: ArchInfo) -> None:
-        self.policy_method.check_arch(arch)
+        super().check_arch(arch)
         if self._maps is None:
             self._maps = self._load(arch)
         if len(self._maps) != arch.n_layers:
@@ -254,24 +246,6 @@ class LESS(Method):
         if self._maps is None:
             self.check_arch(arch)
         return LowRankStore(self.policy_method.make_store(layer_idx, arch), self._maps[layer_idx])
-
-    def make_policy(self, layer_idx: int, arch: ArchInfo, seq_len: int | None):
-        return self.policy_method.make_policy(layer_idx, arch, seq_len)
-
-    # engine hooks: the policy's own ---------------------------------------------------------------------------------
-    def bind(self, engine) -> None:
-        bind = getattr(self.policy_method, "bind", None)
-        if bind is not None:
-            bind(engine)
-
-    def max_chunk(self, cache) -> int | None:
-        hook = getattr(self.policy_method, "max_chunk", None)
-        return None if hook is None else hook(cache)
-
-    def before_forward(self, engine, cache, t: int) -> None:
-        hook = getattr(self.policy_method, "before_forward", None)
-        if hook is not None:
-            hook(engine, cache, t)
 
     def state_bytes_per_head(self, arch: ArchInfo) -> int:
         """Bytes of one KV head's state (H and z, float32 whatever the model's dtype)."""

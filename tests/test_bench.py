@@ -178,7 +178,8 @@ def test_goal_verdicts_from_given_numbers(bench):
     evals = [{"method": "full", "mode": "stream", "status": "ok", "tok_s": 900.0, "vs_full": 1.0},
              {"method": "h2o", "mode": "stream", "status": "ok", "tok_s": 450.0, "vs_full": 0.5},
              {"method": "tova", "mode": "masked", "status": "ok", "tok_s": 10.0, "vs_full": 0.2},
-             {"method": "sirllm", "mode": "masked", "status": "n/a (no masked form)"}]
+             {"method": "sirllm", "mode": "masked", "status": "n/a (no masked form)"},
+             {"method": bench.TOKEN_BY_TOKEN, "mode": "stream", "status": "ok", "tok_s": 90.0, "vs_full": 0.1}]
     goals = {g["goal"]: (g["figure"], g["verdict"]) for g in bench.evaluate_goals(fake_results(), evals)}
     # full at B=8, 16k: 0.011 * 8 * 16 = 1.408 s; h2o 0.088 s -> 16x; tova 0.12 s -> 11.7x
     assert goals["[gqa] h2o decode vs full, B=8, 16384 tokens, budget 512"] == ("16.00x faster", "met")
@@ -195,6 +196,7 @@ def test_goal_verdicts_from_given_numbers(bench):
     assert goals["evaluation throughput h2o / full, stream mode"] == ("0.50", "met")
     assert goals["evaluation throughput tova / full, masked mode"] == ("0.20", "NOT met")
     assert goals["evaluation throughput sirllm / full, masked mode"] == ("n/a (no masked form)", "–")
+    assert not any("one token per forward" in g for g in goals)
 
 
 def test_bytes_bound_hand_value(bench):
@@ -268,6 +270,9 @@ def test_eval_throughput_through_the_runner(bench):
     assert rows[("stream", "full")]["vs_full"] == 1.0 and rows[("stream", "full")]["tokens"] == 79
     assert rows[("masked", "streaming_llm")]["tok_s"] > 0 and rows[("stream", "sirllm")]["status"] == "ok"
     assert rows[("masked", "sirllm")]["status"] == "n/a (no masked form)"
+    # the full cache one token per forward: the same numbers as full in one forward, as a reference row only
+    tbt = rows[("stream", bench.TOKEN_BY_TOKEN)]
+    assert abs(tbt["ppl"] - rows[("stream", "full")]["ppl"]) < 1e-4 and ("masked", bench.TOKEN_BY_TOKEN) not in rows
 
 
 def test_a_point_past_its_timeout_is_stopped(bench, tiny):

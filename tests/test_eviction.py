@@ -20,6 +20,7 @@ from kvx.errors import ConfigError
 from kvx.methods.base import ArchInfo
 from kvx.methods.common import layer_budgets, score_nbytes
 from kvx.methods.full import Full
+from kvx.models import ModelConfig, load_model
 from kvx.registry import METHODS
 
 from .helpers import CONFIGS
@@ -357,7 +358,7 @@ def test_streaming_llm_reindex_equals_hf_cache_at_in_cache_positions(stories, ti
         k = raw[("k", i)].view(1, T, a.n_kv_heads, a.head_dim).transpose(1, 2)[:, :, kept]
         v = raw[("v", i)].view(1, T, a.n_kv_heads, a.head_dim).transpose(1, 2)[:, :, kept]
         _, k = apply_rotary_pos_emb(k, k, cos, sin)
-        torch.testing.assert_close(cache.layers[i].store.k[:, :, : budget - 1], k, atol=2e-5, rtol=0)
+        torch.testing.assert_close(cache.layers[i].store.keys()[:, :, : budget - 1], k, atol=2e-5, rtol=0)
         dc.update(k, v, i)
     with torch.no_grad():
         ref = model(input_ids=ids[:, T:], position_ids=torch.tensor([[budget - 1]]), cache=dc).logits[0, -1].float()
@@ -815,3 +816,39 @@ def test_select_drop_is_the_complement_of_select():
     assert ByPos(4).select(store, 2)[0, 1].sort().values.tolist() == [0, 1]
     with pytest.raises(TypeError):  # neither select nor priority: not a policy
         type("Nothing", (ScoredPolicy,), {})(4)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_streaming_llm_reindex_rounds_each_key_once(dtype):
+    """With reindex every kept key but the sinks moves one rotary position per decoded token, up to budget - sink
+    times. After 420 tokens at budget 200 (220 moves) the held keys, read at their in-cache positions, are within a few roundings of the model's pre-RoPE key rotated once
+    (in fp32) to that position: moving on read (MovableStore) does not round once per step."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    from kvx.cache.rotated import MovableStore
+
+    model, tok = load_model(ModelConfig(random=True, hidden_size=256, num_layers=1, num_heads=2, num_kv_heads=2,
+                                        intermediate_size=128, vocab_size=64, max_position_embeddings=512, seed=0,
+                                        dtype=dtype))
+    eng = Engine(model, tok, make("streaming_llm", budget=200, sink=2, reindex=True))
+    pre = []  # pre-RoPE keys of each token, as the model produced them
+    hook = model.model.layers[0].self_attn.k_proj.register_forward_hook(lambda m, a, o: pre.append(o))
+    cache = eng.new_cache(1)
+    ids = torch.randint(1, 64, (1, 420), generator=torch.Generator().manual_seed(0))  # 0: padding, a zero key
+    for i in range(ids.shape[1]):
+        eng.forward(cache, ids[:, i : i + 1])
+    hook.remove()
+    store = cache.layers[0].store
+    assert isinstance(store, MovableStore)
+    a = eng.arch
+    raw = torch.cat(pre, dim=1).view(1, -1, a.n_kv_heads, a.head_dim).transpose(1, 2)  # [1, H, T, D]
+    tok_idx = store.pos.long()  # [1, H, n] token index of each slot
+    k = raw.gather(2, tok_idx[..., None].expand(*tok_idx.shape, a.head_dim)).float()
+    cos, sin = model.model.rotary_emb(k, store.rpos.long()[0, :1])  # [1, n, D] at the in-cache positions
+    want, _ = apply_rotary_pos_emb(k, k, cos.float(), sin.float())
+
+    def rel(x):
+        return float(((x.float() - want).norm(dim=-1) / want.norm(dim=-1)).mean())
+
+    once = rel(want.to(store.k.dtype))
+    assert rel(store.keys()) <= 4 * once

@@ -7,7 +7,8 @@ cached token, the current one included, so the recent window holds `budget - sin
 `reindex: true` uses StreamingLLM's positions within the cache (Sec. 3.2 of the paper): before each forward the
 cache is cut to make room for the new tokens and the kept keys are re-rotated so that their rotary positions are
 contiguous, 0 .. n-1, and the new tokens continue from n (kvx/rope.py), so rotary positions never exceed the budget
-plus one chunk and the model can stream past its context. A query at in-cache position n then sees its keys at
+plus one chunk and the model can stream past its context. The keys are held as the model rotated them and moved on
+read (kvx.cache.rotated.MovableStore): a key rounded to fp16/bf16 once, however many steps it moved. A query at in-cache position n then sees its keys at
 distances 1 .. n, whatever their token indices. That has no mask form: with `reindex` only task.mode=stream runs.
 """
 
@@ -94,6 +95,13 @@ class StreamingLLM(EvictionMethod):
 
     def build_policy(self, layer_idx: int, budget: int, reserved: int, arch: ArchInfo) -> SinkRecentPolicy:
         return SinkRecentPolicy(budget, self.sink, ordered=self.reindex)
+
+    def make_store(self, layer_idx: int, arch: ArchInfo):
+        if self.reindex and self._rotary is not None:  # bound to a model: keys move on read, rounded once
+            from kvx.cache.rotated import MovableStore
+
+            return MovableStore(self._rotary)
+        return super().make_store(layer_idx, arch)
 
     # in-cache positions --------------------------------------------------------------------------------------------
     def bind(self, engine) -> None:

@@ -29,6 +29,7 @@ import torch
 
 from kvx.cache.dense import _nbytes
 from kvx.kernels.quant import EXACT_BITS, PackedRows, dequant_rows, pack_rows, row_nbytes
+from kvx.kernels.quant_codes import CodeView, plane_perm, unpack_rows
 
 
 @dataclass(frozen=True)
@@ -369,10 +370,11 @@ class PackedTensor:
         m = e.bits.shape[2]
         nq = self._nq
         dev = self.zero.device
-        t = torch.arange(nq + m, device=dev).view(1, 1, -1).expand(self.B, self.H, nq + m)
-        old = self._flat(t.clamp(max=max(nq - 1, 0)), nq)
-        new = self._flat((t - nq).clamp(min=0), m, self.B * self.H * nq)
-        self._rebuild(torch.where(t < nq, old, new).reshape(-1), (self.B, self.H, nq + m), e)
+        if not self._append_in_place(e):
+            t = torch.arange(nq + m, device=dev).view(1, 1, -1).expand(self.B, self.H, nq + m)
+            old = self._flat(t.clamp(max=max(nq - 1, 0)), nq)
+            new = self._flat((t - nq).clamp(min=0), m, self.B * self.H * nq)
+            self._rebuild(torch.where(t < nq, old, new).reshape(-1), (self.B, self.H, nq + m), e)
         if self.spec.axis == "token":
             if nq == 0:  # an empty tensor takes the new rows' metadata layout
                 self.zero, self.delta = self.zero[:, : e.zero.shape[1]], self.delta[:, : e.delta.shape[1]]
@@ -384,6 +386,29 @@ class PackedTensor:
                 self.blk = torch.cat([self.blk, (e.blk + nb_old).to(torch.int32)], 2)
             self.blocks_seen += e.zero.shape[2]
             self._meta_cat(e)
+
+    def _append_in_place(self, e: Encoded) -> bool:
+        """Append e's rows after the held ones by concatenation when that is the flat row order: one sequence and
+        KV head (every array in row order), or fixed-width codes without sparse data (each head's bytes one
+        stretch). The same arrays as _rebuild, without its per-byte gather; False: _rebuild must do it."""
+        BH, nq, m = self.B * self.H, self._nq, e.bits.shape[2]
+        if BH != 1 and (self.fixed_bits is None or self.sparse):
+            return False
+        if e.oval.numel() + self.oval.numel() >= 2**31 or e.buf.numel() + self.buf.numel() >= 2**31:
+            raise RuntimeError("a layer's packed cache outgrew int32 offsets (2 GiB of codes per tensor)")
+        if BH == 1:
+            self.buf = torch.cat([self.buf, e.buf])
+        else:
+            self.buf = torch.cat([self.buf.view(BH, nq * self.rb), e.buf.view(BH, m * self.rb)], 1).reshape(-1)
+        if self.sparse:
+            self.ocnt = torch.cat([self.ocnt, e.ocnt.to(self.ocnt.dtype)], 2)
+            self.ocol = torch.cat([self.ocol, e.ocol.to(self.ocol.dtype)])
+            self.oval = torch.cat([self.oval, e.oval.to(self.dtype)])
+            self.xval = torch.cat([self.xval, e.xval.to(self.dtype)])
+        if self.fixed_bits is None:
+            self.bits = torch.cat([self.bits, e.bits], 2)
+        self._nq = nq + m
+        return True
 
     def _meta_cat(self, e: Encoded) -> None:
         if self.zero.shape[1] != e.zero.shape[1]:
@@ -533,6 +558,43 @@ class PackedTensor:
         return PackedRows(self.buf, off, t["bits"][ix].to(torch.uint8), srow,
                           self.zero.reshape(-1, self.zero.shape[-1]), self.delta.reshape(-1, self.delta.shape[-1]),
                           gsz, ostart, ocnt, self.ocol, self.oval, self.xval, self.D)
+
+    def code_view(self) -> CodeView:
+        """All rows as codes and parameters for attention without dequantization (kvx/kernels/quant_codes.py): the
+        codes unpacked into a transient fp32 matrix, the outliers and exact rows as sparse corrections."""
+        B, H, nq, D = self.B, self.H, self._nq, self.D
+        BH, M = B * H, B * H * nq
+        dev = self.zero.device
+        t = self._table() if (self.fixed_bits is None or self.sparse) else None
+        bits = None if self.fixed_bits is not None else self.bits.reshape(-1)
+        codes, F = unpack_rows(self.buf, bits, self.fixed_bits, None if t is None else t["off"], M, D)
+        perm = plane_perm(F, D, dev)
+        if self.spec.axis == "token":
+            NG = self.zero.shape[-1]
+            zero = self.zero.expand(B, H, nq, NG).reshape(BH, nq, NG).float()
+            delta = self.delta.expand(B, H, nq, NG).reshape(BH, nq, NG).float()
+            gp, blk = perm // (D // NG), None
+        else:
+            nblk = self.zero.shape[2]
+            zero = self.zero.reshape(BH, nblk, D)[..., perm].float()
+            delta = self.delta.reshape(BH, nblk, D)[..., perm].float()
+            gp, blk = None, None if self.blk is None else self.blk.reshape(BH, nq)
+        fr = fc = fv = None
+        if self.sparse and M:
+            no, nx = t["no"], t["nx"]
+            ar = torch.arange(M, device=dev)
+            ro = ar.repeat_interleave(no)
+            j = torch.arange(ro.numel(), device=dev) - (torch.cumsum(no, 0) - no).repeat_interleave(no)
+            eo = t["os"][ro] + j
+            ex = ar[nx > 0]
+            cx = torch.arange(D, device=dev).repeat(ex.numel())
+            rx = ex.repeat_interleave(D)
+            if ro.numel() or rx.numel():
+                fr = torch.cat([ro, rx])
+                fc = torch.cat([self.ocol[eo].long(), cx])
+                fv = torch.cat([self.oval[eo].float(), self.xval[t["xs"][rx] + cx].float()])
+        return CodeView(codes.view(BH, nq, D), perm, zero, delta, self.spec.axis, gp, self.block_rows, blk,
+                        fr, fc, fv)
 
     def dequant(self, idx: torch.Tensor | None = None) -> torch.Tensor:
         m = self._nq if idx is None else idx.shape[2]

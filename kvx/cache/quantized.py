@@ -164,6 +164,13 @@ class QuantizedStore(ConcatStore):
             if own:
                 self._own_probs = probs
             return out[:, :, None], (probs if return_probs else None)
+        B, Hq, t, _ = q.shape
+        coded = self.kq.buf.numel() or self.vq.buf.numel()  # rows held exactly only: dequantizing is a copy
+        if coded and B * Hq * t * (self.n + t) <= reference.BLOCK_ELEMENTS:
+            out, probs = self._attend_codes(q, k_new, v_new, pos_new, qpos, scaling, return_probs or own)
+            if own:
+                self._own_probs = probs
+            return out, (probs if return_probs else None)
         k = torch.cat([self.kq.dequant(), self.k, k_new], 2)
         v = torch.cat([self.vq.dequant(), self.v, v_new], 2)
         pos = torch.cat([self.pos, pos_new], 2)
@@ -171,6 +178,29 @@ class QuantizedStore(ConcatStore):
         if own:
             self._own_probs = reference.attention(q, k, v, pos, qpos, scaling, return_probs=True)[1]
         return out, probs
+
+    def _attend_codes(self, q, k_new, v_new, pos_new, qpos, scaling, want: bool):
+        """Attention of a few queries over the codes (kvx/kernels/quant_codes.py: no dequantized copy of the
+        quantized rows), the residual window and the new tokens; fp32 arithmetic. Returns out and, if `want`, the
+        probabilities [B, Hq, t, n + t] (q's dtype)."""
+        B, Hq, t, D = q.shape
+        H = self.pos.shape[1]
+        BH, G = B * H, (Hq // H) * t
+        qf = (q.float() * scaling).reshape(BH, G, D)
+        tk = torch.cat([self.k, k_new], 2).float().reshape(BH, -1, D)
+        s = torch.bmm(qf, tk.transpose(1, 2))
+        if self.nq:
+            s = torch.cat([self.kq.code_view().scores(qf), s], -1)
+        ok = reference.allowed_mask(torch.cat([self.pos, pos_new], 2), qpos)  # [B, H, 1, t, N]
+        s = s.view(B, H, Hq // H, t, -1).masked_fill(~ok, float("-inf"))
+        p = torch.softmax(s, dim=-1).view(BH, G, -1)
+        nv = self.nq_v
+        tv = torch.cat([self.v, v_new], 2).float().reshape(BH, -1, D)
+        out = torch.bmm(p[..., nv:], tv)
+        if nv:
+            out = out + self.vq.code_view().weighted_sum(p[..., :nv])
+        probs = p.view(B, Hq, t, -1).to(q.dtype) if want else None
+        return out.view(B, Hq, t, D).to(q.dtype), probs
 
     def append(self, k_new, v_new, pos_new) -> None:
         ConcatStore.append(self, k_new, v_new, pos_new)

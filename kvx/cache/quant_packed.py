@@ -580,19 +580,13 @@ class PackedTensor:
             delta = self.delta.reshape(BH, nblk, D)[..., perm].float()
             gp, blk = None, None if self.blk is None else self.blk.reshape(BH, nq)
         fr = fc = fv = None
-        if self.sparse and M:
-            no, nx = t["no"], t["nx"]
+        if self.sparse and M and (self.ocol.numel() or self.xval.numel()):
+            # outliers and exact rows are held in row order without gaps: entry i belongs to the i-th of them
             ar = torch.arange(M, device=dev)
-            ro = ar.repeat_interleave(no)
-            j = torch.arange(ro.numel(), device=dev) - (torch.cumsum(no, 0) - no).repeat_interleave(no)
-            eo = t["os"][ro] + j
-            ex = ar[nx > 0]
-            cx = torch.arange(D, device=dev).repeat(ex.numel())
-            rx = ex.repeat_interleave(D)
-            if ro.numel() or rx.numel():
-                fr = torch.cat([ro, rx])
-                fc = torch.cat([self.ocol[eo].long(), cx])
-                fv = torch.cat([self.oval[eo].float(), self.xval[t["xs"][rx] + cx].float()])
+            ex = ar[t["nx"] > 0]
+            fr = torch.cat([ar.repeat_interleave(t["no"]), ex.repeat_interleave(D)])
+            fc = torch.cat([self.ocol.long(), torch.arange(D, device=dev).repeat(ex.numel())])
+            fv = torch.cat([self.oval.float(), self.xval.float()])
         return CodeView(codes.view(BH, nq, D), perm, zero, delta, self.spec.axis, gp, self.block_rows, blk,
                         fr, fc, fv)
 

@@ -66,6 +66,8 @@ from kvx.cache.quant_qaq import (  # noqa: F401
 from kvx.kernels import reference, use_triton
 from kvx.kernels.quant import EXACT_BITS, decode_attention_quant
 
+CODES_QUERIES = 16  # query rows per KV head (GQA group x new tokens) up to which attention reads the codes
+
 
 def _slots_mask(ref: torch.Tensor, sl: slice) -> torch.Tensor:
     """[1, 1, n] True on the slots of slice sl (n = ref.shape[2])."""
@@ -165,8 +167,7 @@ class QuantizedStore(ConcatStore):
                 self._own_probs = probs
             return out[:, :, None], (probs if return_probs else None)
         B, Hq, t, _ = q.shape
-        coded = self.kq.buf.numel() or self.vq.buf.numel()  # rows held exactly only: dequantizing is a copy
-        if coded and B * Hq * t * (self.n + t) <= reference.BLOCK_ELEMENTS:
+        if self._codes_path(B, Hq, t):
             out, probs = self._attend_codes(q, k_new, v_new, pos_new, qpos, scaling, return_probs or own)
             if own:
                 self._own_probs = probs
@@ -178,6 +179,15 @@ class QuantizedStore(ConcatStore):
         if own:
             self._own_probs = reference.attention(q, k, v, pos, qpos, scaling, return_probs=True)[1]
         return out, probs
+
+    def _codes_path(self, B: int, Hq: int, t: int) -> bool:
+        """Decode-sized queries (at most CODES_QUERIES query rows per KV head) whose per-group score matrices stay
+        within reference.BLOCK_ELEMENTS, over rows that hold codes (rows held exactly only: dequantizing is a
+        copy, and the reference path reproduces the full cache bit for bit)."""
+        if (Hq // self.pos.shape[1]) * t > CODES_QUERIES or not (self.kq.buf.numel() or self.vq.buf.numel()):
+            return False
+        groups = max(pt.zero.shape[-1] if pt.spec.axis == "token" else 1 for pt in (self.kq, self.vq))
+        return B * Hq * t * (self.n + t) * groups <= reference.BLOCK_ELEMENTS
 
     def _attend_codes(self, q, k_new, v_new, pos_new, qpos, scaling, want: bool):
         """Attention of a few queries over the codes (kvx/kernels/quant_codes.py: no dequantized copy of the

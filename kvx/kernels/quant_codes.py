@@ -40,17 +40,17 @@ def _byte_mask(b: int, width: int) -> int:
     return m if m < 1 << (8 * width - 1) else m - (1 << 8 * width)  # as the signed word type
 
 
-def unpack_planes(x: torch.Tensor, b: int, D: int) -> tuple[torch.Tensor, int]:
-    """Rows x [M, rb] (uint8, rb = D b / 8 bytes, 1 <= b <= 8, D % (8 / b) == 0 or D % 8 == 0) -> (codes [M, D] fp32
-    in plane order, F). b in 1, 2, 4, 8: F = 8 / b planes, masked out of 32-bit words; other widths: F = 8, one
+def unpack_planes(x: torch.Tensor, b: int, D: int, dtype=torch.float32) -> tuple[torch.Tensor, int]:
+    """Rows x [M, rb] (uint8, rb = D b / 8 bytes, 1 <= b <= 8, D % (8 / b) == 0 or D % 8 == 0) -> (codes [M, D] in
+    plane order, in `dtype`; F). b in 1, 2, 4, 8: F = 8 / b planes, masked out of 32-bit words; other widths: F = 8, one
     field per element of each 8-element chunk (b bytes, widened to a word)."""
     M = x.shape[0]
     if b == 8:
-        return x.float(), 1
+        return x.to(dtype), 1
     if 8 % b == 0:
         F = 8 // b
         rb = x.shape[1]
-        out = torch.empty(M, F, rb, dtype=torch.float32, device=x.device)
+        out = torch.empty(M, F, rb, dtype=dtype, device=x.device)
         flat = x.reshape(-1)
         wide = flat.numel() % 4 == 0 and flat.storage_offset() % 4 == 0
         w = flat.view(torch.int32) if wide else flat
@@ -58,13 +58,7 @@ def unpack_planes(x: torch.Tensor, b: int, D: int) -> tuple[torch.Tensor, int]:
         for f in range(F):
             out[:, f].copy_(((w >> (f * b)) & m).view(torch.uint8).view(M, rb))
         return out.view(M, D), F
-    W = 1 << (b - 1).bit_length()  # bytes of the word holding one 8-element chunk of b bytes
-    ch = x.reshape(M, D // 8, b)
-    if W != b:
-        ch = torch.cat([ch, ch.new_zeros(M, D // 8, W - b)], -1)
-    w = ch.contiguous().view(_INT[W]).view(M, 1, D // 8)
-    sh = (torch.arange(8, device=x.device) * b).to(w.dtype).view(1, 8, 1)
-    return ((w >> sh) & ((1 << b) - 1)).float().view(M, D), 8
+    return _planes8(x, b, D).to(dtype), 8
 
 
 @dataclass
@@ -151,10 +145,10 @@ class CodeView:
             s = torch.bmm(qp, self._dequant_all().transpose(1, 2))
         dl = self.deltas()
         if dl is not None:
-            bh, slot = self.fix_row // n, self.fix_row % n
+            bh = self.fix_row // n
             add = q[bh, :, self.fix_col] * dl[:, None]  # [Nc, G]
-            idx = (bh[:, None] * G + torch.arange(G, device=q.device)) * n + slot[:, None]
-            s.view(-1).index_put_((idx.reshape(-1),), add.reshape(-1), accumulate=True)
+            fix = torch.zeros(BH * n, G, device=q.device).index_add_(0, self.fix_row, add)
+            s = s + fix.view(BH, n, G).transpose(1, 2)
         return s
 
     def weighted_sum(self, p: torch.Tensor) -> torch.Tensor:
@@ -186,8 +180,8 @@ class CodeView:
         if dl is not None:
             bh, slot = self.fix_row // n, self.fix_row % n
             add = p[bh, :, slot] * dl[:, None]  # [Nc, G]
-            idx = (bh[:, None] * G + torch.arange(G, device=p.device)) * D + self.fix_col[:, None]
-            out.view(-1).index_put_((idx.reshape(-1),), add.reshape(-1), accumulate=True)
+            fix = torch.zeros(BH * D, G, device=p.device).index_add_(0, bh * D + self.fix_col, add)
+            out = out + fix.view(BH, D, G).transpose(1, 2)
         return out
 
 
@@ -199,6 +193,10 @@ def unpack_rows(buf: torch.Tensor, bits: torch.Tensor | None, fixed: int | None,
     dev = buf.device
     if M == 0:
         return torch.zeros(0, D, device=dev), 1
+    if fixed is None:
+        lo, hi = torch.aminmax(bits)
+        if int(lo) == int(hi) and 0 < int(lo) < EXACT_BITS:  # one width: the rows lie back to back
+            fixed = int(lo)
     if fixed is not None:
         b = fixed
         rb = (D * b + 7) // 8
@@ -210,17 +208,34 @@ def unpack_rows(buf: torch.Tensor, bits: torch.Tensor | None, fixed: int | None,
     widths = [int(w) for w in torch.unique(bl).tolist() if 0 < int(w) < EXACT_BITS]
     if D % 8 or any(w > 8 for w in widths):  # true channel order through the reference unpacker
         return unpack_codes_ref(buf, off, bits, D).float(), 1
-    out = torch.zeros(M, 8, D // 8, dtype=torch.float32, device=dev)
     rbs = [D * w // 8 for w in widths]
     u = math.gcd(buf.numel(), *rbs) if rbs else 1
     u = u & -u  # the largest power of two dividing every row's bytes and offset
     chunks = buf.view(-1, u)
+    parts, order = [], []
     for w, rb in zip(widths, rbs):
         rows = (bl == w).nonzero().squeeze(1)
         idx = (off[rows].long() // u)[:, None] + torch.arange(rb // u, device=dev)
-        x = chunks.index_select(0, idx.reshape(-1)).view(-1, rb)
-        c, F = unpack_planes(x, w, D)
-        if F != 8:  # F planes of D / F -> 8 planes of D / 8 (element 8 k + f)
-            c = c.view(-1, F, D // 8, 8 // F).permute(0, 3, 1, 2).reshape(-1, D)
-        out.index_copy_(0, rows, c.view(-1, 8, D // 8))
-    return out.view(M, D), 8
+        parts.append(_planes8(chunks.index_select(0, idx.reshape(-1)).view(-1, rb), w, D))
+        order.append(rows)
+    rest = ((bl == 0) | (bl >= EXACT_BITS)).nonzero().squeeze(1)  # no codes: read 0
+    parts.append(torch.zeros(rest.numel(), D, device=dev))
+    order.append(rest)
+    inv = torch.empty(M, dtype=torch.long, device=dev)
+    inv[torch.cat(order)] = torch.arange(M, device=dev)
+    return torch.cat(parts).index_select(0, inv), 8
+
+
+def _planes8(x: torch.Tensor, b: int, D: int) -> torch.Tensor:
+    """Rows x [M, D b / 8] of b <= 8 bits (D % 8 == 0) -> codes [M, D] fp32 in 8-plane order (element 8 k + f at
+    column f D / 8 + k): each 8-element chunk (b bytes) widened to one word, one shift and mask per plane."""
+    M = x.shape[0]
+    W = 1 << (b - 1).bit_length()
+    ch = x.view(M, D // 8, b)
+    if W != b:
+        ch = torch.cat([ch, ch.new_zeros(M, D // 8, W - b)], -1)
+    w = ch.contiguous().view(_INT[W]).view(M, D // 8)
+    out = torch.empty(M, 8, D // 8, dtype=torch.float32, device=x.device)
+    for f in range(8):
+        out[:, f].copy_((w >> (f * b)) & ((1 << b) - 1))
+    return out.view(M, D)

@@ -21,8 +21,10 @@ Slots of a `QuantizedStore` (per sequence and KV head, oldest first):
   outliers with their indices, the residual window); `offload_nbytes()` is QAQ's full-precision copy;
   `bit_accounting()` counts bits per element as the QAQ paper does (its compression ratio).
 
-Attention reads the store through the torch reference (dequantize, then attend) or, for one query token with the
-Triton backend, the fused dequantize + decode-attention kernel (kvx/kernels/quant_triton.py).
+Attention reads the store, for one query token with the Triton backend, through the fused dequantize + decode-attention
+kernel (kvx/kernels/quant_triton.py); otherwise, for decode-sized queries (CODES_QUERIES), straight from the codes
+(kvx/kernels/quant_codes.py: no dequantized rows, fp32 arithmetic), and for longer chunks through the torch reference
+(dequantize, then attend).
 
 Masked mode (`masked_attention`): one parallel forward quantizes-dequantizes the window as the store would (same
 groups, blocks, outliers and bits) and lets query i read token j quantized exactly when j < nq(i), full precision

@@ -104,17 +104,16 @@ class CodeView:
         inv[self.perm] = torch.arange(D, device=self.perm.device)
         r, c = self.fix_row, self.fix_col
         jc = inv[c]
-        code = self.codes.view(BH * n, D)[r, jc]
+        code = self.codes.reshape(-1).index_select(0, r * D + jc)
         if self.axis == "token":
             NG = self.zero.shape[-1]
-            g = self.gp[jc]
-            z, d = self.zero.view(-1, NG)[r, g], self.delta.view(-1, NG)[r, g]
+            mi = r * NG + self.gp[jc]
         else:
             nblk = self.zero.shape[1]
             bh, slot = r // n, r % n
-            blk = slot // self.br if self.blk is None else self.blk.reshape(-1)[r].long()
-            mrow = bh * nblk + blk
-            z, d = self.zero.view(-1, D)[mrow, jc], self.delta.view(-1, D)[mrow, jc]
+            blk = slot // self.br if self.blk is None else self.blk.reshape(-1).index_select(0, r).long()
+            mi = (bh * nblk + blk) * D + jc
+        z, d = self.zero.reshape(-1).index_select(0, mi), self.delta.reshape(-1).index_select(0, mi)
         return self.fix_val - (z + (code + 0.5) * d)
 
     def scores(self, q: torch.Tensor) -> torch.Tensor:
@@ -146,7 +145,7 @@ class CodeView:
         dl = self.deltas()
         if dl is not None:
             bh = self.fix_row // n
-            add = q[bh, :, self.fix_col] * dl[:, None]  # [Nc, G]
+            add = q.transpose(1, 2).reshape(BH * D, G).index_select(0, bh * D + self.fix_col) * dl[:, None]
             fix = torch.zeros(BH * n, G, device=q.device).index_add_(0, self.fix_row, add)
             s = s + fix.view(BH, n, G).transpose(1, 2)
         return s
@@ -178,9 +177,8 @@ class CodeView:
         out[..., self.perm] = o
         dl = self.deltas()
         if dl is not None:
-            bh, slot = self.fix_row // n, self.fix_row % n
-            add = p[bh, :, slot] * dl[:, None]  # [Nc, G]
-            fix = torch.zeros(BH * D, G, device=p.device).index_add_(0, bh * D + self.fix_col, add)
+            add = p.transpose(1, 2).reshape(BH * n, G).index_select(0, self.fix_row) * dl[:, None]  # [Nc, G]
+            fix = torch.zeros(BH * D, G, device=p.device).index_add_(0, self.fix_row // n * D + self.fix_col, add)
             out = out + fix.view(BH, D, G).transpose(1, 2)
         return out
 

@@ -366,7 +366,8 @@ class Engine:
 
         The context but its last token goes through the method's cache (stream: prefilled in chunks of chunk_size,
         compressed as the method compresses any prompt; masked: one token at a time under the method's mask) and
-        is left compressed to the budget. From then on the cache is frozen: the last context token and the
+        is left compressed to the budget (a quantized store also moves the context's older tokens into its codes, as
+        it would before its next forward). From then on the cache is frozen: the last context token and the
         continuation (never its last token, as in lm-eval's HF model) are appended without eviction, so every
         continuation token is predicted from that compressed context plus the tokens before it, whatever the
         continuation's length. A token's score therefore never depends on the tokens after it, and endings of
@@ -389,6 +390,9 @@ class Engine:
             if c:
                 self.prefill(cache, inp[:, :c], None, chunk_size, last_only=True)
             for layer in cache.layers:
+                flush = getattr(layer.store, "flush", None)
+                if layer.policy is not None and flush is not None and c:
+                    flush()  # a quantized store moves the context into its codes, as its next forward would
                 layer.policy = None  # frozen: no eviction, no scores
             logits = self.forward(cache, inp[:, c:], frozen=True)[0]  # [n, V]
             peak = cache.peak_bytes

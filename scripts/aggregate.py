@@ -348,6 +348,10 @@ def mode_note(runs: list[Run]) -> str:
             k = "prefill=full: the context in one forward, compressed afterwards, then the scored tokens one at a time"
         elif task in ("perplexity", "pot_ppl"):
             k = "other methods: token by token through the real cache"
+        elif task == "harness":
+            chunk = r.get("task.chunk_size")
+            k = (f"other methods: each context through the real cache ({f'{chunk} tokens a forward' if chunk else 'one forward'}), "
+                 "then its endings scored over that cache, frozen")
         else:
             k = ("other methods: the prompt in one forward, evicted to the budget afterwards, then the answer decoded "
                  "token by token")
@@ -977,9 +981,15 @@ def setting(run: Run) -> str:
 
 
 def accuracy_key(run: Run) -> str:
+    """The run's accuracy metric: `acc` (perplexity runs: next-token accuracy), or an lm-eval task's
+    `<task>/acc` (harness runs)."""
     for key in ("acc", "acc_norm", "exact"):
         if isinstance(run.metrics.get(key), (int, float)):
             return key
+    for task in run.cfg["task"].get("tasks") or []:
+        for metric in ("acc", "acc_norm"):
+            if isinstance(run.metrics.get(f"{task}/{metric}"), (int, float)):
+                return f"{task}/{metric}"
     raise KeyError(f"no accuracy metric in {run.run_dir}/metrics.json")
 
 
@@ -1005,13 +1015,23 @@ def _token_hits(run: Run) -> dict[tuple, str] | None:
     return out or None
 
 
-def delta_interval(run: Run, full: Run | None) -> tuple[float, float] | None:
-    """95% interval (points) of run acc - full acc by a paired bootstrap over the scored tokens (fixed seed)."""
+def _doc_scores(run: Run, key: str) -> dict[tuple, str] | None:
+    """A harness run's per-document score of `key` (`<task>/<metric>`), as one-unit strings like _token_hits'."""
+    task, metric = key.split("/", 1)
+    out = {(o["task"], o["doc_id"]): str(int(o[metric])) for o in run.outputs()
+           if o.get("task") == task and isinstance(o.get(metric), (int, float))}
+    return out or None
+
+
+def delta_interval(run: Run, full: Run | None, key: str = "acc") -> tuple[float, float] | None:
+    """95% interval (points) of run acc - full acc by a paired bootstrap (fixed seed) over the scored tokens, or over
+    the documents for a harness metric (`<task>/acc`)."""
     import numpy as np
 
     if full is None or run is full:
         return None
-    a, b = _token_hits(run), _token_hits(full)
+    units = (lambda r: _doc_scores(r, key)) if "/" in key else _token_hits
+    a, b = units(run), units(full)
     if a is None or b is None or set(a) != set(b):
         return None
     keys = sorted(a)
@@ -1028,7 +1048,7 @@ def _delta_text(run: Run, full: Run | None, key: str) -> str:
     if full is None:
         return "–"
     drop = 100 * (run.metrics[key] - full.metrics[key])
-    ci = delta_interval(run, full)
+    ci = delta_interval(run, full, key)
     return f"{drop:+.2f}" + ("" if ci is None else f" [{ci[0]:+.2f}, {ci[1]:+.2f}]")
 
 
@@ -1061,6 +1081,21 @@ CI_NOTE = ("Δacc: accuracy minus the full cache's, in points, with its 95% inte
            f"scored tokens ({BOOTSTRAP} resamples); a difference inside the interval of zero is noise.")
 
 
+HARNESS_BYTE_NOTE = ("Compression (bytes): the full cache's peak bytes over this cache's, both at the longest request "
+                     "(each context through the cache, then an ending scored over it: the ending's tokens are held "
+                     "in full precision beside the compressed context); no bit accounting (–). Device KiB: that "
+                     "peak.")
+CI_NOTE_DOCS = ("Δacc: accuracy minus the full cache's, in points, with its 95% interval from a paired bootstrap over "
+                f"the documents ({BOOTSTRAP} resamples); a difference inside the interval of zero is noise.")
+
+
+def _notes_for(runs: list[Run]) -> list[str]:
+    """The byte and interval notes: perplexity runs (tokens) or harness runs (documents)."""
+    if runs and all(r.cfg["task"].get("type") == "harness" for r in runs):
+        return [HARNESS_BYTE_NOTE, CI_NOTE_DOCS]
+    return [BYTE_NOTE, CI_NOTE]
+
+
 def _quality_runs(runs: list[Run]) -> list[Run]:
     return [r for r in runs if r.model not in RANDOM_MODELS]
 
@@ -1075,7 +1110,15 @@ def _qaq_detail(p: Plan, runs: list[Run], tasks: list[str]) -> Table:
             key = accuracy_key(r)
             rows.append([t, r.method, setting(r)] + _byte_cells(r, full)
                         + [fmt(r.metrics[key], 4), _delta_text(r, full, key), fmt(r.metrics.get("ppl"))])
-    return Table(f"Every run ({runs[0].model})" if runs else "Every run", cols, rows, [BYTE_NOTE, CI_NOTE])
+    return Table(f"Every run ({runs[0].model})" if runs else "Every run", cols, rows, _notes_for(runs))
+
+
+REVIEW_HD128 = {("uniform", "bits=4"): 3.74, ("uniform", "bits=2"): 7.03, ("qaq", "min_bits=2 max_bits=2"): 6.15}
+
+
+def _bits_cell(r: Run) -> str:
+    k, v = r.metrics.get("avg_key_bits"), r.metrics.get("avg_value_bits")
+    return "–" if k is None or v is None else f"{k:.2f} / {v:.2f}"
 
 
 def _byte_table(runs: list[Run]) -> Table | None:
@@ -1087,12 +1130,16 @@ def _byte_table(runs: list[Run]) -> Table | None:
     m = rnd[0].cfg["model"]
     geo = (f"head_dim {m['hidden_size'] // m['num_heads']}, {m['num_kv_heads']} KV heads, {m['num_layers']} layers, "
            f"{m['dtype']}, {rnd[0].cfg['task']['max_tokens'] - 1} tokens")
-    rows = [[r.method, setting(r)] + _byte_cells(r, full) for r in rnd]
-    notes = [f"A random Llama ({geo}): its accuracy means nothing and is not reported. For reference, an independent "
-             "review measured at head_dim 128 and 512 tokens: uniform-4 3.74×, uniform-2 7.03×, QAQ at 2 bits 6.15× "
-             "(bytes)."]
-    return Table(f"Bytes at head_dim 128 ({rnd[0].model}, random weights)", ["method", "setting"] + BYTE_COLS, rows,
-                 notes)
+    rows = [[r.method, setting(r)] + _byte_cells(r, full)
+            + [_bits_cell(r), ratio(REVIEW_HD128.get((r.method, setting(r))))] for r in rnd]
+    notes = [f"A random Llama ({geo}): its accuracy means nothing and is not reported. Key/value bits: the average "
+             "code width of the quantized keys and values. Review: the compression (bytes) an independent review "
+             "measured at head_dim 128 and 512 tokens. KIVI holds its residual in full precision (up to 127 keys and "
+             "128 values of these 512 tokens). QAQ's widths follow the model's attention and key/value statistics: "
+             "on random weights its 0..2-bit range settles at 0 bits, so that row shows what the store holds then, "
+             "not a ratio QAQ reaches on a trained model."]
+    return Table(f"Bytes at head_dim 128 ({rnd[0].model}, random weights)",
+                 ["method", "setting"] + BYTE_COLS + ["key / value bits", "review (bytes)"], rows, notes)
 
 
 def _tasks(runs: list[Run]) -> list[str]:
@@ -1104,6 +1151,7 @@ def _tasks(runs: list[Run]) -> list[str]:
 
 
 @layout("qaq_table1")
+@layout("qaq_hellaswag")
 def qaq_table1(p: Plan, figures: Path) -> Section:
     allruns = p.done
     runs = _quality_runs(allruns)
@@ -1125,7 +1173,7 @@ def qaq_table1(p: Plan, figures: Path) -> Section:
                            PAPER_MISSING if fam == "qaq" and t in QAQ_PAPER_TASKS else "–"])
     notes = [f"Per method, the grid point with the largest compression (bytes) whose accuracy drops less than "
              f"{100 * MAX_DROP:.0f}% relative to the full cache's (the paper's criterion, on the point estimate; – "
-             "where none does).", BYTE_NOTE, CI_NOTE, mode_note(runs), QAQ_PAPER_NOTE]
+             "where none does).", *_notes_for(runs), mode_note(runs), QAQ_PAPER_NOTE]
     if p.scale != "gpu":
         notes.append("The paper reports none of this scale's tasks (–): it runs a different model and task, so "
                      "compare trends, not values.")
@@ -1456,6 +1504,9 @@ class StaleRuns(SystemExit):
 # headings of the layouts that set none: (what the rows are an analog of, the claim they test)
 HEADINGS = {"qaq_table1": ("QAQ Table 1", "QAQ claims a larger KV-cache compression at <1% accuracy drop than uniform "
                                           "or KIVI-style quantization."),
+            "qaq_hellaswag": ("QAQ's Table 1 criterion on HellaSwag through the lm-eval harness",
+                              "QAQ claims a larger KV-cache compression at <1% accuracy drop than uniform or "
+                              "KIVI-style quantization."),
             "qaq_table2": ("QAQ Table 2 (ablation)", "QAQ claims that keeping outliers exact and the attention window "
                                                      "each raise the compression reached at <1% accuracy drop.")}
 

@@ -2,7 +2,8 @@
 
 1. The Triton kernels natively (no interpreter) against their torch twins on CUDA, in fp16 and bf16, at small shapes
    and at a 7B model's geometry: decode attention (dense, with the H2O score sums, with LESS's low-rank term) and the
-   fused dequantize + decode attention of the quantized store. (tests/test_decode_kernels.py and
+   fused dequantize + decode attention of the quantized store, the latter also split-K with explicit split counts
+   and slot blocks of 16, 32 and 64 (with outliers) up to 16k tokens. (tests/test_decode_kernels.py and
    tests/test_quant_kernels.py run the same kernels under TRITON_INTERPRET=1 on CPU tensors.)
 2. The bench grid on CUDA at a 7B model's full geometry in bfloat16 (`python scripts/bench.py bench=cuda`), into
    <out>/cuda/bench.md.
@@ -113,15 +114,45 @@ def kernel_checks(dtypes) -> list[dict]:
                         "dtype": str(dtype).split(".")[-1], "max_err": max(err, serr), "tol": tol,
                         "ok": err <= tol and serr <= tol})
             out.append(quant_check(B, Hq, Hkv, N, D, dtype, g))
+        out += quant_split_checks(dtype, g)
     return out
 
 
-def quant_store(B, Hkv, N, D, dtype, g, bits: int = 4):
+SPLITS = [(1, 16), (3, 16), (16, 16), (None, 16), (4, 32), (None, 64)]  # (num_splits, slot block); None: fill the GPU
+
+
+def quant_split_checks(dtype, g) -> list[dict]:
+    """Split-K of the fused quantized decode kernel, natively: explicit split counts and slot blocks (and the default,
+    which fills the device) against the torch twin, on a 4-bit store with 1% outliers (the runtime outlier bound) at
+    a 7B model's geometry and long context; output and log-sum-exp."""
+    from kvx.kernels.quant import decode_attention_quant_ref
+    from kvx.kernels.quant_triton import decode_attention_quant_triton
+
+    out = []
+    for B, Hq, Hkv, N, D in [(1, 32, 8, 16384, 128), (4, 32, 32, 2000, 128)]:
+        store = quant_store(B, Hkv, N, D, dtype, g, outliers=0.01)
+        q = torch.randn(B, Hq, D, device="cuda", generator=g, dtype=dtype)
+        nq = store.nq
+        args = (q, store.kq.rows(), store.vq.rows(), store.pos[:, :, :nq], store.k, store.v, store.pos[:, :, nq:],
+                torch.full((B,), N, device="cuda"), D**-0.5)
+        ref_out, _, ref_lse = decode_attention_quant_ref(*args)
+        for splits, block_n in SPLITS:
+            tri_out, _, tri_lse = decode_attention_quant_triton(*args, num_splits=splits, block_n=block_n)
+            err = (ref_out.float() - tri_out.float()).abs().max().item()
+            lerr = (ref_lse.float() - tri_lse.float()).abs().max().item()
+            tol = 2e-2 if dtype == torch.bfloat16 else 5e-3
+            out.append({"kernel": f"decode_attention_quant split-K (splits={splits or 'auto'}, block {block_n})",
+                        "shape": f"B={B} Hq={Hq} Hkv={Hkv} N={N} D={D}", "dtype": str(dtype).split(".")[-1],
+                        "max_err": max(err, lerr), "tol": tol, "ok": err <= tol and lerr <= tol})
+    return out
+
+
+def quant_store(B, Hkv, N, D, dtype, g, bits: int = 4, outliers: float = 0.0):
     """A uniform `bits`-bit QuantizedStore on CUDA holding N random tokens (all quantized but one)."""
     from kvx.methods.base import ArchInfo
     from kvx.methods.uniform import Uniform
 
-    store = Uniform(bits=bits).make_store(0, ArchInfo(1, Hkv, Hkv, D, 1 << 20, torch.finfo(dtype).bits // 8))
+    store = Uniform(bits=bits, outliers=outliers).make_store(0, ArchInfo(1, Hkv, Hkv, D, 1 << 20, torch.finfo(dtype).bits // 8))
     k = torch.randn(B, Hkv, N, D, device="cuda", generator=g, dtype=dtype)
     v = torch.randn(B, Hkv, N, D, device="cuda", generator=g, dtype=dtype)
     pos = torch.arange(N, device="cuda").expand(B, Hkv, N)

@@ -341,3 +341,38 @@ def test_duplicate_tables_are_not_written():
                                                                           "nuc25", "nuc50", "nuc75")]:
         assert (name, "cpu") in A.COVERED
         assert not (tables / f"{name}.md").exists() and not (tables / f"{name}.csv").exists()
+
+
+def _docs(n_ok: int, n: int = 200) -> list[dict]:
+    """Per-document HellaSwag rows of a harness run (lm-eval's logged samples): the first n_ok right."""
+    return [{"task": "hellaswag", "doc_id": i, "acc": float(i < n_ok), "acc_norm": 0.0} for i in range(n)]
+
+
+def test_qaq_hellaswag_criterion_over_documents(tmp_path):
+    """Harness runs: accuracy from `hellaswag/acc`, compression from the peak bytes against the full run's, and the
+    interval from a paired bootstrap over the documents."""
+    plan = A.plan("qaq_hellaswag", "cpu", tmp_path)
+    assert {r.model for r in plan.runs} == {"stories260k"} and {r.cfg["task"]["type"] for r in plan.runs} == {"harness"}
+    for r in plan.runs:
+        if r.method == "full":
+            ok, nbytes = 60, 200 * 1024
+        elif r.method == "qaq":
+            ok, nbytes = (60 if r.get("method.key_error") == 0.5 else 50), 50 * 1024 * (r.get("method.min_bits") - 1)
+        else:
+            ok, nbytes = 60 - (5 if r.get("method.bits") == 2 else 0), 100 * 1024 // r.get("method.bits")
+        _write(r, {"hellaswag/acc": ok / 200, "hellaswag/acc_norm": 0.0, "cache_bytes_peak": nbytes}, _docs(ok))
+    A.aggregate(["qaq_hellaswag"], ["cpu"], tmp_path, tmp_path / "tables", tmp_path / "figures")
+    rows = {r["method"]: r for r in _csv(tmp_path / "tables" / "qaq_hellaswag.csv")}
+    assert set(rows) == {"uniform", "kivi", "qaq"} and rows["qaq"]["acc (full)"] == "0.3000"
+    # qaq: no loss at key_error 0.5; min_bits 1 (the default grid's 2 - 1 = 1 -> 50 KiB) beats min_bits 2 (100 KiB)
+    assert rows["qaq"]["best setting"] == "key_error=0.5 value_error=0.5"
+    assert rows["qaq"]["compression (bytes)"] == "4.00×" and rows["qaq"]["compression (bits)"] == "–"
+    assert rows["qaq"]["Δacc (points) [95%]"] == "+0.00 [+0.00, +0.00]"
+    assert rows["uniform"]["best setting"] == "bits=4" and rows["uniform"]["compression (bytes)"] == "8.00×"
+    full = next(r for r in plan.runs if r.method == "full")
+    two = next(r for r in A.plan("qaq_hellaswag", "cpu", tmp_path).done if r.method == "uniform"
+               and r.get("method.bits") == 2)
+    lo, hi = A.delta_interval(two, full, "hellaswag/acc")  # 5 of 200 documents lost: -2.5 points
+    assert lo < -2.5 < hi and hi <= 0.0 and lo > -6
+    md = (tmp_path / "tables" / "qaq_hellaswag.md").read_text()
+    assert "paired bootstrap over the documents" in md and "then its endings scored over that cache" in md

@@ -2,6 +2,7 @@
 goal verdicts and the report from given numbers, and one small measured point. No timing is asserted."""
 
 import importlib.util
+import inspect
 from pathlib import Path
 
 import pytest
@@ -254,6 +255,15 @@ def test_gpu_check_peak_table(gpu_check):
     assert gpu_check.peak_bandwidth("Tesla T4") is None
     # one Llama-3-8B layer at batch 8 and 16k tokens, bf16: K and V are 8 x 8 x 16384 x 128 x 2 bytes each
     assert gpu_check.dense_bytes(8, 32, 8, 16384, 128, 2) == 2 * 8 * 8 * 16384 * 128 * 2 + 2 * 8 * 32 * 128 * 2
+
+
+def test_gpu_check_runs_split_k_natively(gpu_check):
+    """make gpu-check runs the quantized decode kernel split-K on CUDA: several explicit split counts and the default,
+    slot blocks of at least 16 (tests/test_quant_kernels.py runs the same under TRITON_INTERPRET)."""
+    assert "quant_split_checks(dtype, g)" in inspect.getsource(gpu_check.kernel_checks)
+    splits = [s for s, _ in gpu_check.SPLITS]
+    assert None in splits and len({s for s in splits if s and s > 1}) >= 2
+    assert min(b for _, b in gpu_check.SPLITS) >= 16 and len({b for _, b in gpu_check.SPLITS}) >= 3
 
 
 def test_gpu_check_dry_run_says_unmeasured(gpu_check, tmp_path):

@@ -100,3 +100,24 @@ def test_continuation_reads_the_compressed_context_plus_itself(stories, tiny_ids
         ref = torch.log_softmax(logits, -1).gather(-1, torch.tensor(cont)[:, None])[:, 0]
         lp, _ = eng.continuation_logprobs(ctx, cont, mode=mode, chunk_size=chunk)
         assert torch.allclose(lp, ref, atol=1e-4), (mode, chunk, (lp - ref).abs().max())
+
+
+@pytest.mark.parametrize("spec", [{"name": "uniform", "bits": 2, "residual": 4},
+                                  {"name": "kivi", "bits": 2, "group_size": 8, "residual": 8},
+                                  {"name": "qaq", "residual": 4, "min_bits": 2, "max_bits": 2}])
+def test_quantized_context_is_read_quantized(stories, tiny_ids, spec):
+    """A quantized method scores a continuation over its quantized context. Fed token by token (chunk_size 1), the
+    first continuation token's log-probability equals the prediction a token-by-token perplexity pass
+    (Engine.score_window) makes of the same token, where every context token older than the residual window is
+    read from its codes; prefilled in larger chunks (the context's K/V then come from full-precision attention
+    inside a chunk) it still reads the codes, so it differs from the full cache's (2-bit codes)."""
+    model, tok = stories
+    eng = Engine(model, tok, build_method(dict(spec)))
+    ctx, cont = tiny_ids[:40], tiny_ids[40:41]
+    nll, _ = eng.score_window(torch.tensor([ctx + cont]), mode="stream", chunk_size=1)
+    lp, _ = eng.continuation_logprobs(ctx, cont, mode="stream", chunk_size=1)
+    assert float(lp[0]) == pytest.approx(-float(nll[0, -1]), abs=1e-4)
+    full_lp, _ = Engine(model, tok, Full()).continuation_logprobs(ctx, cont)
+    for chunk in (None, 7):
+        lp, _ = eng.continuation_logprobs(ctx, cont, mode="stream", chunk_size=chunk)
+        assert abs(float(lp[0]) - float(full_lp[0])) > 1e-3, chunk

@@ -17,9 +17,10 @@ A = importlib.util.module_from_spec(spec)
 sys.modules.setdefault("aggregate", A)
 spec.loader.exec_module(A)
 
-TABLES = ["eviction_ppl", "qaq_table1", "qaq_table2", "needle_grid"]
+TABLES = ["eviction_ppl", "qaq_table1", "qaq_table2", "qaq_hellaswag", "needle_grid"]
 GPU_MODEL = {"eviction_ppl": "meta-llama/Llama-2-7b-hf", "qaq_table1": "meta-llama/Llama-2-7b-hf",
-             "qaq_table2": "meta-llama/Llama-2-7b-hf", "needle_grid": "meta-llama/Llama-2-7b-hf"}
+             "qaq_table2": "meta-llama/Llama-2-7b-hf", "qaq_hellaswag": "meta-llama/Llama-2-7b-hf",
+             "needle_grid": "meta-llama/Llama-2-7b-hf"}
 
 
 def _hydra(overrides):

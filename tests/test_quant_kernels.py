@@ -278,13 +278,14 @@ def test_kernel_sweep_gqa_ratios_and_widths():
         assert torch.allclose(tri[0], ref[0], atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("splits", [1, 2, 3, 7])
-def test_decode_split_k_matches_twin(splits):
-    """Split-K over the packed rows and the tail (splits straddle the boundary NQ), reduced by log-sum-exp."""
+@pytest.mark.parametrize("splits,block_n", [(1, 16), (2, 16), (3, 16), (7, 16), (2, 32), (3, 64)])
+def test_decode_split_k_matches_twin(splits, block_n):
+    """Split-K over the packed rows and the tail (splits straddle the boundary NQ), reduced by log-sum-exp; slot
+    blocks of 16 (the default), 32 and 64."""
     q, kp, vp, kpos, tk, tv, tpos, qpos = make_decode_inputs(2, 8, 2, 75, 6, 16, torch.float32, seed=11, pad=True)
     ref = decode_attention_quant_ref(q, kp, vp, kpos, tk, tv, tpos, qpos, 0.25, return_logits=True)
     tri = decode_attention_quant_triton(q, kp, vp, kpos, tk, tv, tpos, qpos, 0.25, return_logits=True,
-                                        num_splits=splits)
+                                        num_splits=splits, block_n=block_n)
     assert torch.allclose(tri[0], ref[0], atol=1e-5, rtol=1e-5)
     assert torch.allclose(tri[2], ref[2], atol=1e-5, rtol=1e-5)
     fin = torch.isfinite(ref[1])

@@ -51,6 +51,11 @@ def test_qaq_table2_cpu(tmp_path):
 
 
 @pytest.mark.slow
+def test_qaq_hellaswag_cpu(tmp_path):
+    _reproduce("qaq_hellaswag", tmp_path, timeout=3600)
+
+
+@pytest.mark.slow
 def test_needle_grid_cpu(tmp_path):
     _reproduce("needle_grid", tmp_path, timeout=1800)
 

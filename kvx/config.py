@@ -187,12 +187,15 @@ def config_blob(cfg: DictConfig) -> str:
     inputs = {p: path_digest(p) for k in ("method", "task") for p in input_paths(data.get(k))}
     if inputs:
         data["inputs"] = inputs
-    # local asset locations differ between machines without changing the numbers
+    # local asset locations differ between machines without changing the numbers; files inside the checkout (trained
+    # kernels) likewise. Keys are sorted after the folders are replaced: the order of the input paths must not depend
+    # on where the checkout and the assets sit
     blob = json.dumps(data, sort_keys=True, default=str)
     import kvx.assets
 
     blob = blob.replace(str(kvx.assets.assets_dir(check=False)), "${kvx.assets:}")
-    return blob.replace(str(kvx.assets.REPO_ROOT), "${kvx.repo:}")  # files inside the checkout (trained kernels)
+    blob = blob.replace(str(kvx.assets.REPO_ROOT), "${kvx.repo:}")
+    return json.dumps(json.loads(blob), sort_keys=True)
 
 
 def config_hash(cfg: DictConfig) -> str:

@@ -108,3 +108,28 @@ def test_hash_ignores_where_the_checkout_lives(monkeypatch, tmp_path):
     monkeypatch.setattr(kvx.assets, "REPO_ROOT", other)
     assert config_blob(moved) == blob  # on failure pytest shows where the two texts differ
     assert config_hash(moved) == h
+
+
+@pytest.mark.parametrize("repo_name", ["0_checkout", "z_checkout"])
+def test_hash_does_not_depend_on_how_the_checkout_and_assets_paths_sort(monkeypatch, tmp_path, repo_name):
+    """A LESS run names two input files, its kernels (in the checkout) and its data (in the assets). Whether the
+    checkout's path sorts before or after the assets' must not change the hash (it did: the inputs were sorted by
+    their absolute paths before those were replaced)."""
+    import kvx.assets
+    from kvx.config import config_hash
+
+    want = config_hash(compose_cfg(["method=less"]))
+    here = compose_cfg(["method=less"])
+    kernels = OmegaConf.to_container(here.method, resolve=True)["kernels"]
+    data = OmegaConf.to_container(here.task, resolve=True)["data_files"]
+    assets = tmp_path / "m_assets"  # between the two checkouts' names
+    rel = data[len(str(kvx.assets.assets_dir())):]
+    (assets / rel.lstrip("/")).parent.mkdir(parents=True)
+    shutil.copy2(data, f"{assets}{rel}")
+    repo = tmp_path / repo_name
+    shutil.copytree(kernels, f"{repo}{kernels[len(str(REPO)):]}")
+    monkeypatch.setenv("KVX_ASSETS", str(assets))
+    monkeypatch.setattr(kvx.assets, "REPO_ROOT", repo)
+    moved = compose_cfg(["method=less"])  # ${kvx.repo:} and ${kvx.assets:} now point at the copies
+    assert OmegaConf.to_container(moved.method, resolve=True)["kernels"].startswith(str(repo))
+    assert config_hash(moved) == want

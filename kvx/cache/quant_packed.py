@@ -259,10 +259,14 @@ def _starts(cnt: torch.Tensor) -> torch.Tensor:
 
 
 def _segments(src: torch.Tensor, start: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
-    """src[start[i] : start[i] + count[i]] for every row i, concatenated."""
+    """src[start[i] : start[i] + count[i]] for every row i, concatenated; gathered in chunks of the largest power of
+    two (up to 64 elements) dividing every start, count and src's length (packed rows: D b / 8 bytes each)."""
     total = int(count.sum()) if count.numel() else 0
     if total == 0:
         return src[:0]
+    for u in (64, 32, 16, 8, 4, 2) if src.dim() == 1 else ():
+        if src.numel() % u == 0 and not bool(((start % u) | (count % u)).any()):
+            return _segments(src.view(-1, u), start // u, count // u).reshape(-1)
     new = torch.cumsum(count, 0) - count
     return src[start.repeat_interleave(count) + (torch.arange(total, device=src.device) - new.repeat_interleave(count))]
 

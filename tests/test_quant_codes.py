@@ -162,3 +162,17 @@ def test_store_decode_padding_and_bfloat16(monkeypatch):
         monkeypatch.undo()
     torch.testing.assert_close(outs[0][0, :, 3:], outs[1][0, :, 3:], rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(outs[0][1], outs[1][1], rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("unit", [1, 3, 16, 32])
+def test_segments_gather_in_chunks_as_bytewise(unit):
+    """_segments (the rebuild after re-quantization or eviction) gathers whole chunks where every start and count
+    allows it; the result equals slicing segment by segment."""
+    from kvx.cache.quant_packed import _segments
+
+    g = torch.Generator().manual_seed(unit)
+    count = torch.randint(0, 5, (40,), generator=g) * unit
+    start = torch.randint(0, 30, (40,), generator=g) * unit
+    src = torch.randint(0, 256, (40 * unit + 5 * unit,), generator=g, dtype=torch.uint8)
+    want = torch.cat([src[a : a + c] for a, c in zip(start.tolist(), count.tolist())])
+    assert torch.equal(_segments(src, start, count), want)

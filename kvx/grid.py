@@ -5,8 +5,9 @@ one rectangle (the full cache has no budget; a method without a mask form runs i
 sweeper (kvx/_plugins/hydra_plugins/kvx_grid_sweeper, selected with `override /hydra/sweeper: grid`) also reads
 `hydra.sweeper.grids`: a list of grids, each merged over `params` (its keys win) and expanded on its own; the runs
 are the union, in order, without repeats. On the command line, `task.mode=masked` or `method=h2o` (values the
-grids sweep) selects those runs, `method.budget=16` (a value they do not) replaces the budgets where budgets are
-swept, and any other override (`task.max_tokens=600`) applies to every run.
+grids sweep) selects those runs (a grid that does not sweep the key is left out), `method.budget=16` (a value they
+do not) replaces the budgets where budgets are swept, and any other override (`task.max_tokens=600`) applies to
+every run.
 
     params: {task.mode: "masked,stream"}
     grids:
@@ -59,7 +60,7 @@ def expand(
     """One list of override strings per run: the union of params x grid_i, in order, without repeats.
 
     A command-line argument for a key the grids sweep either selects runs (all its values are among the swept ones:
-    `task.mode=masked`, `method=h2o`) or replaces that key's values where it is swept (`method.budget=16`); an
+    `task.mode=masked`, `method=h2o`; grids that do not sweep the key are left out) or replaces that key's values where it is swept (`method.budget=16`); an
     argument for any other key applies to every run.
     """
     params = {str(k): _value(v) for k, v in (params or {}).items()}
@@ -85,6 +86,8 @@ def expand(
                         continue
                 else:
                     m[key] = (written, values)
+            elif select:  # a grid that does not sweep the key holds none of the selected values
+                continue
             kept.append(m)
         maps = kept
     runs: list[list[str]] = []

@@ -49,6 +49,9 @@ def test_arguments_select_replace_or_extend():
     runs = expand(PARAMS, GRIDS, ["method.budget=16"])
     assert {r for run in runs for r in run if r.startswith("method.budget")} == {"method.budget=16"}
     assert ["task.mode=masked", "method=full"] in runs
+    # a selected value leaves out the grids that do not sweep its key (they run at another value)
+    grids = [{"method": "qaq", "method.key_error": "0.5,2.0"}, {"method": "qaq", "method.min_bits": 2}]
+    assert _sets(expand({}, grids, ["method.key_error=2.0"])) == [frozenset({"method=qaq", "method.key_error=2.0"})]
     # any other key applies to every run; a prefixed key meets its plain twin
     runs = expand(PARAMS, GRIDS, ["task.max_tokens=600", "+seed=1"])
     assert len(runs) == 2 + 8 + 2 and all("task.max_tokens=600" in r and "+seed=1" in r for r in runs)

@@ -66,9 +66,11 @@ def test_qaq_experiment_launches_and_selects(tmp_path):
     out = run_cli(["experiment=qaq_table1", "scale=cpu", "method.key_error=2.0", "task.max_tokens=100",
                    "progress=false", f"results_dir={tmp_path}"], threads=1)
     assert out.returncode == 0, out.stderr[-3000:]
-    (qaq,) = [p for p in _done(tmp_path) if p.parent.parent.name == "qaq"]
-    cfg = (qaq.parent / "config.yaml").read_text()
-    assert "key_error: 2.0" in cfg and "value_error: 2.0" in cfg
+    qaqs = [p for p in _done(tmp_path) if p.parent.parent.name == "qaq"]  # the grid's entries with key error 2.0
+    assert qaqs
+    for qaq in qaqs:
+        cfg = (qaq.parent / "config.yaml").read_text()
+        assert "key_error: 2.0" in cfg and "value_error: 2.0" in cfg
 
 
 def test_bad_point_does_not_abort_the_sweep_and_the_sweep_reports(tmp_path, monkeypatch):

@@ -48,3 +48,15 @@ def tiny_ids(stories, assets):
             if len(ids) > 4000:
                 break
     return ids
+
+
+@pytest.fixture
+def ref_backend():
+    """kvx.kernels on the torch reference backend for one test, restored afterwards. A module takes it for all its
+    tests with `pytestmark = pytest.mark.usefixtures("ref_backend")`."""
+    from kvx import kernels
+
+    saved = kernels.backend()
+    kernels.set_backend("ref")
+    yield
+    kernels.set_backend(saved)

@@ -5,7 +5,6 @@ GQA, padding, eviction) decoding token by token against the reference path over 
 import pytest
 import torch
 
-from kvx import kernels
 from kvx.cache.quantized import PackedTensor, QAQConfig, QuantizedStore, QuantSpec, encode
 from kvx.kernels import reference
 from kvx.kernels.quant import dequant_rows_ref
@@ -13,13 +12,7 @@ from kvx.kernels.quant_codes import plane_perm, unpack_planes
 from kvx.methods.quantization import QuantPolicy
 from tests.test_quant_methods import qkv, run_stream
 
-
-@pytest.fixture(autouse=True)
-def _ref_backend():
-    saved = kernels.backend()
-    kernels.set_backend("ref")
-    yield
-    kernels.set_backend(saved)
+pytestmark = pytest.mark.usefixtures("ref_backend")  # tests/conftest.py
 
 
 def packed(spec, bits, B=2, H=2, n=32, D=16, seed=0, fixed=True, heads_unit=False, dtype=torch.float32):

@@ -31,13 +31,7 @@ from kvx.kernels.quant_triton import (  # noqa: E402
     pack_rows_triton,
 )
 
-
-@pytest.fixture(autouse=True)
-def _restore_backend():
-    saved = kernels.backend()
-    kernels.set_backend("ref")
-    yield
-    kernels.set_backend(saved)
+pytestmark = pytest.mark.usefixtures("ref_backend")  # tests/conftest.py
 
 
 def packed_codes(codes: torch.Tensor, bits: torch.Tensor):

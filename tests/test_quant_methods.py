@@ -28,12 +28,7 @@ from kvx.methods.quantization import QuantPolicy  # noqa: E402
 SQ3 = math.sqrt(3.0)
 
 
-@pytest.fixture(autouse=True)
-def _ref_backend():
-    saved = kernels.backend()
-    kernels.set_backend("ref")
-    yield
-    kernels.set_backend(saved)
+pytestmark = pytest.mark.usefixtures("ref_backend")  # tests/conftest.py
 
 
 def engine_for(model_tok, cfg):

@@ -661,16 +661,13 @@ def _h2o_vs_streaming(by: dict, budgets: list, modes: list[str]) -> list[str]:
 
 
 PAPER_MISSING = "paper value not transcribed"
-# The papers' own numbers: only values read in a retrieved source text, each with that source and where in the paper
-# it sits. None of the three papers' tables could be read in the paper itself (arXiv HTML or PDF) from here; LESS's
-# and QAQ's values were found in no source at all, so their columns say PAPER_MISSING and the notes name the table.
-# scorer (or "<scorer>, unbounded") -> (the value as printed in the paper, where it sits there); filled only from
-# the paper's own tables (arXiv 2410.01518), none of which could be read here
+# The papers' own numbers go in only as read in the paper itself; none of the three papers' result tables could be
+# read from here, so every paper column says PAPER_MISSING. INFINIPOT_PAPER: scorer (or "<scorer>, unbounded") ->
+# (the value as printed in the paper, where it sits there).
 INFINIPOT_PAPER: dict[str, tuple[str, str]] = {}
-INFINIPOT_NOTE = (f"InfiniPot paper column: {PAPER_MISSING}. The paper's LongBench averages per scorer in the pot are "
-                  "in its Table 1 and §4.2, the CaP / NuC / α ablation in its Table 3, the CR-RoPE ablation with the "
-                  "needle test (Figure 5, Table 4) of arXiv 2410.01518; no text of those tables could be retrieved "
-                  "here, so none are shown.")
+INFINIPOT_NOTE = (f"InfiniPot paper column: {PAPER_MISSING}. The paper's LongBench results per scorer in the pot and "
+                  "its CaP / NuC / CR-RoPE ablations are in arXiv 2410.01518; no text of those tables could be "
+                  "retrieved here, so none are shown.")
 
 
 def infinipot_paper(key: str | None) -> str:
@@ -682,10 +679,9 @@ def infinipot_paper(key: str | None) -> str:
 
 
 LESS_PAPER_NOTE = (
-    f"LESS paper column: {PAPER_MISSING}. The values are in the language-modelling table of arXiv 2402.09398 "
-    "(WikiText and PG-19 word perplexity of Llama 2 7B/13B and Falcon 7B for the full cache, each policy, its "
-    "Baseline+ and LESS); no source text holding them could be retrieved here, so none are shown. This scale runs "
-    "another model and data in any case: compare trends, not values.")
+    f"LESS paper column: {PAPER_MISSING}. The values are in the language-modelling results of arXiv 2402.09398; no "
+    "text of that table could be retrieved here, so none are shown. This scale runs another model and data in any "
+    "case: compare trends, not values.")
 
 
 @layout("less_llama2_7b")
@@ -936,9 +932,8 @@ def infinipot_long(p: Plan, figures: Path) -> Section:
              CI_NOTE.format(what=f"over the {task.get('limit')} sequences", n=BOOT).split(" ≈:")[0],
              "Perplexity differences (paired over the same sequences, 95%): " + "; ".join(notes_d) + "."
              if notes_d else "",
-             f"InfiniPot paper column: {PAPER_MISSING}. The paper shows CR-RoPE's effect on inputs beyond the context "
-             "for the needle test (Figure 5, a plot, and Table 4, per a secondary summary of arXiv 2410.01518v1); no "
-             "source text holding Table 4's numbers could be retrieved here, and the paper reports no perplexity."]
+             f"InfiniPot paper column: {PAPER_MISSING}. The paper (arXiv 2410.01518) reports CR-RoPE's effect with "
+             "its own tasks, not perplexity; no text of those results could be retrieved here."]
     heading = cpu_prefix(p, f"InfiniPot's CR-RoPE beyond the context: {_one(model_name(r) for r in runs)}, "
                             f"{_one(data_name(r) for r in runs)} sequences of "
                             f"{' and '.join(str(n) for n in lengths)} tokens scored from position "
@@ -1281,18 +1276,11 @@ def needle_grid(p: Plan, figures: Path) -> Section:
                    claim)
 
 
-def _pipeline_paper_note(experiment: str, needle: bool) -> str:
-    if needle:
-        return (f"InfiniPot paper column: {PAPER_MISSING}. The paper gives its needle results as plots over context "
-                "length and depth (Figures 4 and 5) and its needle ablation in Table 4; no source text holding "
-                "numbers for them could be retrieved here.")
-    if experiment == "infinipot_longbench_4k":
-        return (INFINIPOT_NOTE + " The catalyst-prompt InfiniPot row carries the paper's InfiniPot average; CaP-Q "
-                "(the question as catalyst) has no LongBench average in that source (it gives QA-category scores "
-                "only); this scale runs a story model on fixture examples: compare nothing but the pipeline.")
-    return (f"InfiniPot paper column: {PAPER_MISSING}. The paper plots LongBench averages across memory budgets "
-            "of 1K-8K (Figure 6) and gives its main LongBench comparison in Table 1; no source text holding the "
-            "values at this budget could be retrieved here.")
+def _pipeline_paper_note(needle: bool) -> str:
+    what = "needle" if needle else "LongBench"
+    return (f"InfiniPot paper column: {PAPER_MISSING}. The paper's {what} results (arXiv 2410.01518) could not be "
+            "retrieved here as text; this scale runs a story model on fixture examples: compare nothing but the "
+            "pipeline.")
 
 
 def infinipot_pipeline(p: Plan, figures: Path) -> Section:
@@ -1334,7 +1322,7 @@ def infinipot_pipeline(p: Plan, figures: Path) -> Section:
                             f"{_one(str(r.get('method.budget')) for r in runs if r.method == 'infinipot')}-token pot")
     notes = [mode_note(runs), "Parentheses: 95% bootstrap interval over the examples or grid points (seed 0).",
              "The full cache's positions pass the model's context where the input is longer than it.",
-             _pipeline_paper_note(p.experiment, needle)]
+             _pipeline_paper_note(needle)]
     title = f"{'Needle retrieval' if needle else 'LongBench score'}: catalyst prompt versus CaP-Q ({p.runs[0].model})"
     return Section(p.scale, p.runs[0].model, Table(title, cols, rows, notes), [], [], heading, claim)
 

@@ -88,13 +88,8 @@ def test_cpu_scale_is_the_same_run_as_by_hand():
 def test_hash_ignores_where_the_checkout_lives(monkeypatch, tmp_path):
     """A path inside the repository (LESS's trained kernels) hashes the same from any checkout."""
     import kvx.assets
-    import kvx.digests
     from kvx.config import config_blob, config_hash
 
-    # a digest cache of its own, so that no entry written by another run or checkout takes part
-    monkeypatch.setenv("KVX_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(kvx.digests, "_LOADED", None)
-    monkeypatch.setattr(kvx.digests, "_MEMO", {})
     here = compose_cfg(["method=less"])
     kernels = OmegaConf.to_container(here.method, resolve=True)["kernels"]
     assert kernels.startswith(str(REPO))
